@@ -1,0 +1,283 @@
+//! The only FFI in ffnskip: ggml's CPU type traits (SIMD dot products, activation
+//! quantization, dequantization), its quantizer, and its CPU feature report, from the ggml
+//! statically linked by `llama-cpp-sys-2`. Everything here is exposed through safe functions
+//! that check slice lengths against the type's block geometry before calling into C.
+
+use std::ffi::CStr;
+use std::sync::OnceLock;
+
+use llama_cpp_sys_2 as sys;
+
+use crate::gguf::GgmlType;
+
+/// ggml's CPU kernels for one weight type.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub ty: GgmlType,
+    /// The type activations are quantized to before `vec_dot` (Q8_0, Q8_1, Q8_K, F16, …).
+    pub vec_dot_type: GgmlType,
+    vec_dot: unsafe extern "C" fn(i32, *mut f32, usize, *const std::ffi::c_void, usize, *const std::ffi::c_void, usize, i32),
+    from_float: Option<unsafe extern "C" fn(*const f32, *mut std::ffi::c_void, i64)>,
+    to_float: Option<unsafe extern "C" fn(*const std::ffi::c_void, *mut f32, i64)>,
+}
+
+/// Calls `ggml_cpu_init` once (fills ggml's fp16 tables; required before any kernel).
+pub fn init() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        // SAFETY: ggml_cpu_init takes no arguments and is idempotent; OnceLock runs it once.
+        unsafe { sys::ggml_cpu_init() }
+    });
+}
+
+/// The kernels for `ty`, or `None` when ggml's CPU backend has no dot product for it.
+pub fn kernels(ty: GgmlType) -> Option<Kernels> {
+    static TABLE: OnceLock<Vec<Option<Kernels>>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        init();
+        GgmlType::ALL.iter().map(|&t| load_kernels(t)).collect()
+    });
+    let idx = GgmlType::ALL.iter().position(|&t| t == ty)?;
+    table[idx]
+}
+
+fn load_kernels(ty: GgmlType) -> Option<Kernels> {
+    // SAFETY: both getters take any enum value below GGML_TYPE_COUNT (all of GgmlType::ALL
+    // are) and return a pointer to a static table entry, or null; we only read it.
+    let (cpu, base) = unsafe {
+        (
+            sys::ggml_get_type_traits_cpu(ty as sys::ggml_type).as_ref()?,
+            sys::ggml_get_type_traits(ty as sys::ggml_type).as_ref()?,
+        )
+    };
+    let vec_dot = cpu.vec_dot?;
+    let vec_dot_type = GgmlType::from_u32(cpu.vec_dot_type)?;
+    // A vec_dot_type must itself be producible from f32 on the CPU.
+    // SAFETY: as above.
+    let vdt_cpu = unsafe { sys::ggml_get_type_traits_cpu(cpu.vec_dot_type).as_ref()? };
+    Some(Kernels {
+        ty,
+        vec_dot_type,
+        vec_dot,
+        from_float: vdt_cpu.from_float,
+        to_float: base.to_float,
+    })
+}
+
+impl Kernels {
+    /// Quantizes one row of activations `x` (length n, n a multiple of the vec_dot_type
+    /// block) into `out` (exactly `row_bytes(vec_dot_type, n)` bytes).
+    pub fn quantize_activation(&self, x: &[f32], out: &mut [u8]) {
+        let n = x.len() as u64;
+        let need = self.vec_dot_type.row_bytes(n);
+        assert_eq!(need, Some(out.len() as u64), "activation buffer size for {}", self.vec_dot_type);
+        match self.from_float {
+            // SAFETY: `x` holds n floats, `out` holds the row_bytes(n) bytes from_float writes
+            // for n elements (checked above); n is a multiple of the block size.
+            Some(f) => unsafe { f(x.as_ptr(), out.as_mut_ptr().cast(), n as i64) },
+            None => panic!("ggml has no from_float for {}", self.vec_dot_type),
+        }
+    }
+
+    /// Dot products of consecutive weight rows with one quantized activation row:
+    /// `out[i] = dot(rows[i], act)`. `rows` holds `out.len()` rows of `n` elements of `ty`;
+    /// `act` is one row of `n` elements of `vec_dot_type`.
+    #[inline]
+    pub fn dot_rows(&self, n: usize, rows: &[u8], act: &[u8], out: &mut [f32]) {
+        let row_bytes = (n as u64 / self.ty.block_size() * self.ty.block_bytes()) as usize;
+        assert!(n as u64 % self.ty.block_size() == 0 && n as u64 % self.vec_dot_type.block_size() == 0);
+        assert_eq!(rows.len(), row_bytes * out.len(), "weight rows for {}", self.ty);
+        assert_eq!(act.len() as u64, n as u64 / self.vec_dot_type.block_size() * self.vec_dot_type.block_bytes());
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: row i lies at [i*row_bytes, (i+1)*row_bytes) inside `rows` and `act`
+            // holds a full row of n elements of vec_dot_type (both checked above); nrc = 1
+            // is valid for every type (ggml's mul_mat falls back to it for odd shapes).
+            unsafe {
+                (self.vec_dot)(
+                    n as i32,
+                    o,
+                    0,
+                    rows.as_ptr().add(i * row_bytes).cast(),
+                    0,
+                    act.as_ptr().cast(),
+                    0,
+                    1,
+                )
+            }
+        }
+    }
+
+    /// Dequantizes one row of `out.len()` elements.
+    pub fn dequantize_row(&self, row: &[u8], out: &mut [f32]) {
+        let n = out.len() as u64;
+        assert_eq!(self.ty.row_bytes(n), Some(row.len() as u64), "row size for {}", self.ty);
+        if self.ty == GgmlType::F32 {
+            return f32_from_le(row, out);
+        }
+        match self.to_float {
+            // SAFETY: `row` holds exactly the bytes of n elements of `ty`, `out` n floats.
+            Some(f) => unsafe { f(row.as_ptr().cast(), out.as_mut_ptr(), n as i64) },
+            None => panic!("ggml has no to_float for {}", self.ty),
+        }
+    }
+}
+
+/// Little-endian f32 bytes → floats (ggml has no `to_float` for F32 itself).
+fn f32_from_le(data: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
+        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+/// Whether `ty` can be dequantized (F32, or a type with `to_float`).
+pub fn can_dequantize(ty: GgmlType) -> bool {
+    init();
+    if ty == GgmlType::F32 {
+        return true;
+    }
+    // SAFETY: see load_kernels.
+    unsafe { sys::ggml_get_type_traits(ty as sys::ggml_type).as_ref() }
+        .is_some_and(|t| t.to_float.is_some())
+}
+
+/// Dequantizes a whole tensor's data (any number of rows) of type `ty`.
+pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), String> {
+    init();
+    if ty.row_bytes(out.len() as u64) != Some(data.len() as u64) {
+        return Err(format!("{} bytes are not {} elements of {ty}", data.len(), out.len()));
+    }
+    if ty == GgmlType::F32 {
+        f32_from_le(data, out);
+        return Ok(());
+    }
+    // SAFETY: see load_kernels.
+    let traits = unsafe { sys::ggml_get_type_traits(ty as sys::ggml_type).as_ref() };
+    let f = traits
+        .and_then(|t| t.to_float)
+        .ok_or_else(|| format!("ggml cannot dequantize {ty}"))?;
+    // SAFETY: data holds exactly out.len() elements of ty (checked above).
+    unsafe { f(data.as_ptr().cast(), out.as_mut_ptr(), out.len() as i64) };
+    Ok(())
+}
+
+/// Whether ggml needs an importance matrix to quantize to `ty` (IQ1/IQ2 types).
+pub fn quantize_requires_imatrix(ty: GgmlType) -> bool {
+    // SAFETY: pure function of the enum value.
+    unsafe { sys::ggml_quantize_requires_imatrix(ty as sys::ggml_type) }
+}
+
+/// Quantizes `src` (`n_rows` × `n_per_row` floats) to `ty` with ggml's reference quantizer
+/// (`ggml_quantize_chunk`, as llama.cpp's `llama-quantize` uses, without imatrix).
+pub fn quantize(ty: GgmlType, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, String> {
+    init();
+    if n_per_row == 0 || src.len() % n_per_row != 0 {
+        return Err(format!("{} floats are not whole rows of {n_per_row}", src.len()));
+    }
+    if quantize_requires_imatrix(ty) {
+        return Err(format!("{ty} needs an importance matrix, which ffnskip does not compute"));
+    }
+    let n_rows = src.len() / n_per_row;
+    let row_bytes = ty.row_bytes(n_per_row as u64).ok_or_else(|| {
+        format!("row length {n_per_row} is not a multiple of the {ty} block size {}", ty.block_size())
+    })? as usize;
+    let mut dst = vec![0u8; row_bytes * n_rows];
+    // SAFETY: ggml_quantize_init only fills static lookup tables for `ty`.
+    unsafe { sys::ggml_quantize_init(ty as sys::ggml_type) };
+    // SAFETY: src holds n_rows × n_per_row floats, dst n_rows × row_bytes bytes, which is
+    // what ggml_quantize_chunk writes for start = 0; imatrix may be null for these types.
+    let written = unsafe {
+        sys::ggml_quantize_chunk(
+            ty as sys::ggml_type,
+            src.as_ptr(),
+            dst.as_mut_ptr().cast(),
+            0,
+            n_rows as i64,
+            n_per_row as i64,
+            std::ptr::null(),
+        )
+    };
+    if written != dst.len() {
+        return Err(format!("ggml wrote {written} bytes, expected {}", dst.len()));
+    }
+    Ok(dst)
+}
+
+/// f16 → f32 for a slice (ggml's vectorised conversion, F16C/AVX-512 where built).
+pub fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    // SAFETY: half::f16 is repr(transparent) over u16 = ggml_fp16_t; both slices hold len items.
+    unsafe { sys::ggml_cpu_fp16_to_fp32(src.as_ptr().cast(), dst.as_mut_ptr(), src.len() as i64) }
+}
+
+/// f32 → f16 for a slice.
+pub fn f32_to_f16(src: &[f32], dst: &mut [half::f16]) {
+    assert_eq!(src.len(), dst.len());
+    // SAFETY: as in f16_to_f32.
+    unsafe { sys::ggml_cpu_fp32_to_fp16(src.as_ptr(), dst.as_mut_ptr().cast(), src.len() as i64) }
+}
+
+/// The SIMD features ggml's CPU kernels were compiled with (what `vec_dot` actually uses).
+pub fn cpu_features() -> Vec<&'static str> {
+    init();
+    let probes: [(&str, unsafe extern "C" fn() -> i32); 16] = [
+        ("SSE3", sys::ggml_cpu_has_sse3),
+        ("SSSE3", sys::ggml_cpu_has_ssse3),
+        ("AVX", sys::ggml_cpu_has_avx),
+        ("AVX2", sys::ggml_cpu_has_avx2),
+        ("F16C", sys::ggml_cpu_has_f16c),
+        ("FMA", sys::ggml_cpu_has_fma),
+        ("BMI2", sys::ggml_cpu_has_bmi2),
+        ("AVX_VNNI", sys::ggml_cpu_has_avx_vnni),
+        ("AVX512", sys::ggml_cpu_has_avx512),
+        ("AVX512_VBMI", sys::ggml_cpu_has_avx512_vbmi),
+        ("AVX512_VNNI", sys::ggml_cpu_has_avx512_vnni),
+        ("AVX512_BF16", sys::ggml_cpu_has_avx512_bf16),
+        ("NEON", sys::ggml_cpu_has_neon),
+        ("ARM_FMA", sys::ggml_cpu_has_arm_fma),
+        ("DOTPROD", sys::ggml_cpu_has_dotprod),
+        ("SVE", sys::ggml_cpu_has_sve),
+    ];
+    probes
+        .iter()
+        // SAFETY: each probe takes no arguments and returns a compile-time constant.
+        .filter(|(_, f)| unsafe { f() } != 0)
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+/// llama.cpp's own system-info line (what the peer in benchmarks was built with).
+pub fn llama_system_info() -> String {
+    // SAFETY: returns a pointer to a static NUL-terminated buffer owned by llama.cpp.
+    unsafe {
+        let p = sys::llama_print_system_info();
+        if p.is_null() {
+            return String::new();
+        }
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+/// ggml's f16 dot product (`ggml_vec_dot_f16`: f16 inputs, f32 accumulation), the kernel
+/// llama.cpp uses for q·k and p·v in attention.
+#[derive(Clone, Copy)]
+pub struct F16Dot {
+    vec_dot: unsafe extern "C" fn(i32, *mut f32, usize, *const std::ffi::c_void, usize, *const std::ffi::c_void, usize, i32),
+}
+
+impl F16Dot {
+    pub fn get() -> Self {
+        let k = kernels(GgmlType::F16).expect("ggml always has an f16 vec_dot");
+        F16Dot { vec_dot: k.vec_dot }
+    }
+
+    #[inline]
+    pub fn dot(&self, a: &[half::f16], b: &[half::f16]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let mut s = 0f32;
+        // SAFETY: a and b both hold n f16 values (checked); f16's block size is 1.
+        unsafe {
+            (self.vec_dot)(a.len() as i32, &mut s, 0, a.as_ptr().cast(), 0, b.as_ptr().cast(), 0, 1)
+        };
+        s
+    }
+}

@@ -1,0 +1,13 @@
+//! ffnskip: a CPU runtime for quantized LLaMA GGUF models with FFN-SkipLLM.
+//!
+//! Layers, each using only those below it: `gguf` (bytes → typed file) and `ggml` (the one
+//! FFI module) → `tensor` (matrices, parallel products) → `skip` (hook types) → `model`
+//! (forward pass) → `tokenizer`, `chat`, `sampling`, `session` → `cli`.
+
+pub mod fetch;
+pub mod ggml;
+pub mod gguf;
+pub mod model;
+pub mod peer;
+pub mod skip;
+pub mod tensor;

@@ -1,0 +1,418 @@
+//! The forward pass: one function for batched prefill and single-token decode.
+//!
+//! Per layer l (llama.cpp's names for the points in between):
+//!   attn_norm → q/k/v (one parallel region) → RoPE → KV cache → attention → attn_output
+//!   `ffn_inp` h = x + attn          ← the [`FfnHook`] decides per row whether the FFN runs
+//!   ffn_norm → gate/up (one region) → SwiGLU → ffn_down; x' = h + ffn (rows that ran)
+//! Numerics follow llama.cpp's CPU graph: activations quantized to the weight's
+//! `vec_dot_type`, RMS norm summed in f64, f16 KV cache with q and softmax weights rounded to
+//! f16 for the f16 dot products (llama.cpp without flash attention).
+
+use std::time::{Duration, Instant};
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::{KvCache, Llama};
+use crate::ggml::{F16Dot, Kernels};
+use crate::skip::FfnHook;
+use crate::tensor::{self, act_row_bytes, matmul_group, par_split, Matrix, MAX_SPLITS};
+
+/// Which logits a forward call produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last row's (generation).
+    Last,
+    /// Every row's, `[batch, n_vocab]` (teacher forcing, tests).
+    All,
+    /// None (prompt chunks before the last).
+    None,
+}
+
+/// Wall time spent per stage, summed over calls.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StageTimes {
+    /// Norm, q/k/v, RoPE, attention, output projection.
+    pub attention: Duration,
+    /// Norm, gate/up, SwiGLU, down projection (only rows whose FFN ran).
+    pub ffn: Duration,
+    /// Final norm and output head.
+    pub head: Duration,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ForwardError {
+    #[error("context full: {need} positions needed, the context holds {n_ctx} (raise --ctx)")]
+    ContextFull { need: usize, n_ctx: usize },
+    #[error("token id {id} is outside the vocabulary of {n_vocab}")]
+    BadToken { id: u32, n_vocab: usize },
+    #[error("batch of {found} rows exceeds the scratch size of {max}")]
+    BatchTooLarge { found: usize, max: usize },
+    #[error("empty batch")]
+    Empty,
+}
+
+/// One forward call's input.
+pub struct Batch<'t> {
+    pub tokens: &'t [u32],
+    /// Prompt rows (prefill or teacher forcing) rather than generated tokens.
+    pub prompt: bool,
+    pub logits: Logits,
+}
+
+struct AttnScratch {
+    q16: Vec<f16>,
+    scores: Vec<f32>,
+    p16: Vec<f16>,
+}
+
+/// Preallocated buffers for batches of up to `max_batch` rows (llama2.c's `RunState`).
+/// Nothing is allocated per token once a session runs, except when `Logits::All` is first
+/// asked for a larger batch.
+pub struct Scratch {
+    max_batch: usize,
+    positions: Vec<usize>,
+    /// Residual stream `[B, n_embd]`.
+    x: Vec<f32>,
+    /// Normed input `[B, n_embd]`, reused for the FFN hidden `[B, n_ff]`.
+    xn: Vec<f32>,
+    /// Quantized activations, one buffer per distinct `vec_dot_type` in a group.
+    acts: [Vec<u8>; 3],
+    /// Matmul output `[rows, B]`.
+    mm: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output `[B, n_embd]`.
+    att: Vec<f32>,
+    /// `ffn_inp` copies of rows whose FFN ran, for observing hooks `[B, n_embd]`.
+    saved: Vec<f32>,
+    ffn_rows: Vec<usize>,
+    rope_cs: Vec<f32>,
+    attn: Vec<AttnScratch>,
+    logits: Vec<f32>,
+    logits_t: Vec<f32>,
+    pub times: StageTimes,
+}
+
+impl Scratch {
+    pub fn new(model: &Llama, max_batch: usize, n_ctx: usize) -> Self {
+        let c = &model.config;
+        let b = max_batch.max(1);
+        let wide = c.n_embd.max(c.n_ff);
+        let mm_rows = (c.n_embd + 2 * c.kv_dim()).max(2 * c.n_ff);
+        // Widest activation row: f32 (4 bytes per element) bounds every vec_dot_type.
+        let act = vec![0u8; b * wide * 4];
+        Scratch {
+            max_batch: b,
+            positions: Vec::with_capacity(b),
+            x: vec![0.0; b * c.n_embd],
+            xn: vec![0.0; b * wide],
+            acts: [act.clone(), act.clone(), act],
+            mm: vec![0.0; b * mm_rows],
+            q: vec![0.0; b * c.n_embd],
+            k: vec![0.0; b * c.kv_dim()],
+            v: vec![0.0; b * c.kv_dim()],
+            att: vec![0.0; b * c.n_embd],
+            saved: vec![0.0; b * c.n_embd],
+            ffn_rows: Vec::with_capacity(b),
+            rope_cs: vec![0.0; b * c.rope_dim],
+            attn: (0..MAX_SPLITS.min(rayon::current_num_threads().max(1) * 2))
+                .map(|_| AttnScratch {
+                    q16: vec![f16::ZERO; c.head_dim],
+                    scores: vec![0.0; n_ctx],
+                    p16: vec![f16::ZERO; n_ctx],
+                })
+                .collect(),
+            logits: vec![0.0; c.n_vocab],
+            logits_t: Vec::new(),
+            times: StageTimes::default(),
+        }
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+}
+
+/// `out = x / sqrt(mean(x²) + eps) * w` as ggml computes it (sum in f64, then scale, then w).
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
+        *o = (xv * scale) * wv;
+    }
+}
+
+/// Quantizes `batch` rows of `x` (`[batch, n]`) once per distinct `vec_dot_type` among
+/// `mats`; returns for each matrix the index of its activation buffer.
+fn quantize_for(
+    mats: &[&Matrix],
+    x: &[f32],
+    n: usize,
+    batch: usize,
+    acts: &mut [Vec<u8>; 3],
+) -> [usize; 3] {
+    let mut slots = [0usize; 3];
+    let mut done: [Option<Kernels>; 3] = [None; 3];
+    for (i, m) in mats.iter().enumerate() {
+        let vdt = m.vec_dot_type();
+        let slot = match done.iter().position(|d| d.is_some_and(|k| k.vec_dot_type == vdt)) {
+            Some(s) => s,
+            None => {
+                let s = done.iter().position(|d| d.is_none()).unwrap_or(2);
+                let k = *m.kernels();
+                let arb = act_row_bytes(vdt, n);
+                let buf = &mut acts[s][..arb * batch];
+                if batch > 4 {
+                    buf.par_chunks_exact_mut(arb)
+                        .zip(x.par_chunks_exact(n))
+                        .for_each(|(o, r)| k.quantize_activation(r, o));
+                } else {
+                    tensor::quantize_rows(&k, &x[..n * batch], n, buf);
+                }
+                done[s] = Some(k);
+                s
+            }
+        };
+        slots[i] = slot;
+    }
+    slots
+}
+
+impl Llama<'_> {
+    /// Runs `batch.tokens` at positions `cache.len ..` through the model, appending their
+    /// keys and values to `cache`. Returns the requested logits (`[n_vocab]` for `Last`,
+    /// `[batch, n_vocab]` for `All`, empty for `None`).
+    pub fn forward<'s, H: FfnHook>(
+        &self,
+        cache: &mut KvCache,
+        s: &'s mut Scratch,
+        batch: &Batch,
+        hook: &mut H,
+    ) -> Result<&'s [f32], ForwardError> {
+        let c = &self.config;
+        let (d, kv, hd) = (c.n_embd, c.kv_dim(), c.head_dim);
+        let tokens = batch.tokens;
+        let b = tokens.len();
+        if b == 0 {
+            return Err(ForwardError::Empty);
+        }
+        if b > s.max_batch {
+            return Err(ForwardError::BatchTooLarge {
+                found: b,
+                max: s.max_batch,
+            });
+        }
+        let pos0 = cache.len;
+        if pos0 + b > cache.n_ctx {
+            return Err(ForwardError::ContextFull {
+                need: pos0 + b,
+                n_ctx: cache.n_ctx,
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(ForwardError::BadToken {
+                id,
+                n_vocab: c.n_vocab,
+            });
+        }
+        s.positions.clear();
+        s.positions.extend(pos0..pos0 + b);
+        hook.begin(&s.positions, batch.prompt);
+
+        for (row, &t) in s.x.chunks_exact_mut(d).zip(tokens) {
+            self.weights.token_embd.kernels().dequantize_row(self.weights.token_embd.row(t as usize), row);
+        }
+        for (i, &p) in s.positions.iter().enumerate() {
+            self.rope.angles(p, &mut s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim]);
+        }
+        let f16dot = F16Dot::get();
+
+        for (l, lw) in self.weights.layers.iter().enumerate() {
+            // ---- attention (always runs, so the KV cache stays complete) ----
+            let t0 = Instant::now();
+            for (xr, nr) in s.x[..b * d].chunks_exact(d).zip(s.xn.chunks_exact_mut(d)) {
+                rms_norm(xr, &lw.attn_norm, c.rms_eps, nr);
+            }
+            let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
+            let slots = quantize_for(&qkv, &s.xn[..b * d], d, b, &mut s.acts);
+            let group = [
+                (qkv[0], &s.acts[slots[0]][..]),
+                (qkv[1], &s.acts[slots[1]][..]),
+                (qkv[2], &s.acts[slots[2]][..]),
+            ];
+            let mm = &mut s.mm[..(d + 2 * kv) * b];
+            matmul_group(&group, b, mm);
+            tensor::transpose(&mm[..d * b], d, b, &mut s.q[..b * d]);
+            tensor::transpose(&mm[d * b..(d + kv) * b], kv, b, &mut s.k[..b * kv]);
+            tensor::transpose(&mm[(d + kv) * b..], kv, b, &mut s.v[..b * kv]);
+            for i in 0..b {
+                let cs = &s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim];
+                self.rope.apply(&mut s.q[i * d..(i + 1) * d], hd, cs);
+                self.rope.apply(&mut s.k[i * kv..(i + 1) * kv], hd, cs);
+                cache.store(l, pos0 + i, &s.k[i * kv..(i + 1) * kv], &s.v[i * kv..(i + 1) * kv]);
+            }
+            self.attention(l, cache, &s.positions, &s.q[..b * d], &mut s.att[..b * d], &mut s.attn, f16dot);
+            let slots = quantize_for(&[&lw.attn_output], &s.att[..b * d], d, b, &mut s.acts);
+            let mm = &mut s.mm[..d * b];
+            matmul_group(&[(&lw.attn_output, &s.acts[slots[0]][..])], b, mm);
+            for (i, xr) in s.x[..b * d].chunks_exact_mut(d).enumerate() {
+                for (j, xv) in xr.iter_mut().enumerate() {
+                    *xv += mm[j * b + i];
+                }
+            }
+            let t1 = Instant::now();
+            s.times.attention += t1 - t0;
+
+            // ---- ffn_inp: the hook decides per row ----
+            s.ffn_rows.clear();
+            for (i, xr) in s.x[..b * d].chunks_exact(d).enumerate() {
+                if hook.run_ffn(l, i, xr) {
+                    s.ffn_rows.push(i);
+                }
+            }
+            let r = s.ffn_rows.len();
+            if r == 0 {
+                continue;
+            }
+            let observe = hook.observes();
+            for (j, &i) in s.ffn_rows.iter().enumerate() {
+                let xr = &s.x[i * d..(i + 1) * d];
+                rms_norm(xr, &lw.ffn_norm, c.rms_eps, &mut s.xn[j * d..(j + 1) * d]);
+                if observe {
+                    s.saved[j * d..(j + 1) * d].copy_from_slice(xr);
+                }
+            }
+            let ff = c.n_ff;
+            let slots = quantize_for(&[&lw.ffn_gate, &lw.ffn_up], &s.xn[..r * d], d, r, &mut s.acts);
+            let mm = &mut s.mm[..2 * ff * r];
+            matmul_group(
+                &[(&lw.ffn_gate, &s.acts[slots[0]][..]), (&lw.ffn_up, &s.acts[slots[1]][..])],
+                r,
+                mm,
+            );
+            // SwiGLU: silu(gate) * up, then [n_ff, r] → [r, n_ff].
+            let (gate, up) = mm.split_at_mut(ff * r);
+            for (g, &u) in gate.iter_mut().zip(up.iter()) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            tensor::transpose(gate, ff, r, &mut s.xn[..r * ff]);
+            let slots = quantize_for(&[&lw.ffn_down], &s.xn[..r * ff], ff, r, &mut s.acts);
+            let mm = &mut s.mm[..d * r];
+            matmul_group(&[(&lw.ffn_down, &s.acts[slots[0]][..])], r, mm);
+            for (j, &i) in s.ffn_rows.iter().enumerate() {
+                let xr = &mut s.x[i * d..(i + 1) * d];
+                for (k, xv) in xr.iter_mut().enumerate() {
+                    *xv += mm[k * r + j];
+                }
+                if observe {
+                    hook.after_ffn(l, i, &s.saved[j * d..(j + 1) * d], xr);
+                }
+            }
+            s.times.ffn += t1.elapsed();
+        }
+        cache.len = pos0 + b;
+
+        // ---- head ----
+        let t0 = Instant::now();
+        let (first, n) = match batch.logits {
+            Logits::None => return Ok(&[]),
+            Logits::Last => (b - 1, 1),
+            Logits::All => (0, b),
+        };
+        for j in 0..n {
+            let i = first + j;
+            rms_norm(
+                &s.x[i * d..(i + 1) * d],
+                &self.weights.output_norm,
+                c.rms_eps,
+                &mut s.xn[j * d..(j + 1) * d],
+            );
+        }
+        let out = &self.weights.output;
+        let slots = quantize_for(&[out], &s.xn[..n * d], d, n, &mut s.acts);
+        let nv = c.n_vocab;
+        let logits: &[f32] = if n == 1 {
+            matmul_group(&[(out, &s.acts[slots[0]][..])], 1, &mut s.logits);
+            &s.logits
+        } else {
+            s.logits_t.resize(nv * n, 0.0);
+            let mut all = std::mem::take(&mut s.logits_t);
+            matmul_group(&[(out, &s.acts[slots[0]][..])], n, &mut all);
+            // Reuse `logits_t` for the transposed result; keep the product in a second buffer.
+            let mut dst = vec![0.0; nv * n];
+            tensor::transpose(&all, nv, n, &mut dst);
+            s.logits_t = dst;
+            &s.logits_t
+        };
+        s.times.head += t0.elapsed();
+        Ok(logits)
+    }
+
+    /// Causal attention of `q` (`[B, n_embd]`, rows at `positions`) over the cache of layer
+    /// `l`, into `out` (`[B, n_embd]`). Work items are (row, head) pairs, split across threads
+    /// in contiguous ranges of equal cost (∝ attended positions).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        l: usize,
+        cache: &KvCache,
+        positions: &[usize],
+        q: &[f32],
+        out: &mut [f32],
+        scratch: &mut [AttnScratch],
+        f16dot: F16Dot,
+    ) {
+        let c = &self.config;
+        let (nh, hd) = (c.n_head, c.head_dim);
+        let group = c.n_head / c.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let items = positions.len() * nh;
+        let cost = |i: usize| positions[i / nh] + 1 + 16;
+        let total: usize = (0..items).map(cost).sum();
+        let splits = scratch.len().min(rayon::current_num_threads().max(1)).min(items).max(1);
+        let mut bounds = [0usize; MAX_SPLITS + 1];
+        let (mut acc, mut t) = (0usize, 1usize);
+        for i in 0..items {
+            if t < splits && acc >= total * t / splits {
+                bounds[t] = i;
+                t += 1;
+            }
+            acc += cost(i);
+        }
+        while t <= splits {
+            bounds[t] = items;
+            t += 1;
+        }
+        let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
+            for (item, o) in (lo..hi).zip(chunk.chunks_exact_mut(hd)) {
+                let (row, h) = (item / nh, item % nh);
+                let n = positions[row] + 1;
+                let kvh = h / group;
+                crate::ggml::f32_to_f16(&q[row * c.n_embd + h * hd..row * c.n_embd + (h + 1) * hd], &mut sc.q16);
+                let keys = cache.keys(l, kvh, n);
+                let scores = &mut sc.scores[..n];
+                for (j, sj) in scores.iter_mut().enumerate() {
+                    *sj = f16dot.dot(&keys[j * hd..(j + 1) * hd], &sc.q16) * scale;
+                }
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f64;
+                for sj in scores.iter_mut() {
+                    *sj = (*sj - max).exp();
+                    sum += f64::from(*sj);
+                }
+                let inv = (1.0 / sum) as f32;
+                for sj in scores.iter_mut() {
+                    *sj *= inv;
+                }
+                crate::ggml::f32_to_f16(scores, &mut sc.p16[..n]);
+                for (dd, od) in o.iter_mut().enumerate() {
+                    *od = f16dot.dot(cache.values_t(l, kvh, dd, n), &sc.p16[..n]);
+                }
+            }
+        };
+        par_split(out, &mut scratch[..splits], &bounds[..=splits], hd, &run);
+    }
+}

@@ -1,0 +1,80 @@
+//! Per-layer key/value cache in f16 (llama.cpp's default cache type), sized by `--ctx`.
+//!
+//! Layouts, per layer and KV head: keys `[n_ctx, head_dim]` (one row per position, so q·k
+//! over all positions is a run of consecutive rows) and values transposed,
+//! `[head_dim, n_ctx]` (so p·v is one contiguous dot per output dimension), as llama.cpp
+//! stores V transposed when flash attention is off.
+
+use half::f16;
+
+pub struct KvCache {
+    pub n_ctx: usize,
+    pub n_layer: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// `[n_layer][n_head_kv][n_ctx][head_dim]`
+    k: Vec<f16>,
+    /// `[n_layer][n_head_kv][head_dim][n_ctx]`
+    v_t: Vec<f16>,
+    /// Positions `0..len` hold valid entries.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize, n_head_kv: usize, head_dim: usize, n_ctx: usize) -> Self {
+        let n = n_layer * n_head_kv * head_dim * n_ctx;
+        KvCache {
+            n_ctx,
+            n_layer,
+            n_head_kv,
+            head_dim,
+            // Zeroed allocations are mapped lazily: pages count in RSS once written.
+            k: vec![f16::ZERO; n],
+            v_t: vec![f16::ZERO; n],
+            len: 0,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        (self.k.len() + self.v_t.len()) * 2
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Drops positions `n..` (e.g. to rewind a chat turn).
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
+    fn head_base(&self, layer: usize, kvh: usize) -> usize {
+        (layer * self.n_head_kv + kvh) * self.n_ctx * self.head_dim
+    }
+
+    /// Stores one position's keys and values (`[n_head_kv * head_dim]` each, f32).
+    pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let hd = self.head_dim;
+        for h in 0..self.n_head_kv {
+            let base = self.head_base(layer, h);
+            for (d, &x) in k[h * hd..(h + 1) * hd].iter().enumerate() {
+                self.k[base + pos * hd + d] = f16::from_f32(x);
+            }
+            for (d, &x) in v[h * hd..(h + 1) * hd].iter().enumerate() {
+                self.v_t[base + d * self.n_ctx + pos] = f16::from_f32(x);
+            }
+        }
+    }
+
+    /// Keys of positions `0..n` for one KV head: `[n, head_dim]`.
+    pub fn keys(&self, layer: usize, kvh: usize, n: usize) -> &[f16] {
+        let base = self.head_base(layer, kvh);
+        &self.k[base..base + n * self.head_dim]
+    }
+
+    /// Value dimension `d` of positions `0..n` for one KV head: `[n]`.
+    pub fn values_t(&self, layer: usize, kvh: usize, d: usize, n: usize) -> &[f16] {
+        let base = self.head_base(layer, kvh) + d * self.n_ctx;
+        &self.v_t[base..base + n]
+    }
+}

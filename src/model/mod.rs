@@ -1,0 +1,52 @@
+//! The LLaMA model: configuration, weights borrowed from the GGUF mapping, KV cache and the
+//! one forward function used for both batched prefill and single-token decode.
+
+mod config;
+mod forward;
+mod kv_cache;
+mod rope;
+mod weights;
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use forward::{Batch, ForwardError, Logits, Scratch, StageTimes};
+pub use kv_cache::KvCache;
+pub use weights::{LayerWeights, Weights};
+
+use crate::gguf::{GgufFile, Result};
+use rope::Rope;
+
+pub struct Llama<'a> {
+    pub file: &'a GgufFile,
+    pub config: LlamaConfig,
+    pub weights: Weights<'a>,
+    rope: Rope,
+}
+
+impl<'a> Llama<'a> {
+    /// Reads the configuration and views every weight; nothing is copied but the norms.
+    pub fn load(file: &'a GgufFile) -> Result<Self> {
+        crate::ggml::init();
+        let config = LlamaConfig::from_gguf(file)?;
+        let weights = Weights::from_gguf(file, &config)?;
+        let rope = Rope::new(&config, weights.rope_freqs.clone());
+        Ok(Llama {
+            file,
+            config,
+            weights,
+            rope,
+        })
+    }
+
+    /// A KV cache for `n_ctx` positions.
+    pub fn new_cache(&self, n_ctx: usize) -> KvCache {
+        let c = &self.config;
+        KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, n_ctx)
+    }
+
+    /// Weight bytes read to decode one token with every block running
+    /// (embedding row excluded: one row is negligible).
+    pub fn bytes_per_token(&self) -> usize {
+        let w = &self.weights;
+        w.layers.iter().map(|l| l.attn_bytes() + l.ffn_bytes()).sum::<usize>() + w.output.n_bytes()
+    }
+}
