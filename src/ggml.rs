@@ -107,6 +107,47 @@ impl Kernels {
         }
     }
 
+    /// Blocked product of weight rows with activation rows:
+    /// `out[r * batch + b] = dot(rows[r], acts[b])` for every weight row r in `rows`
+    /// (`n_rows` rows of `n` elements of `ty`) and activation row b in `acts` (`batch` rows of
+    /// `n` elements of `vec_dot_type`). Sizes are checked once; the loop runs 16×16 tiles as
+    /// ggml's `mul_mat` does, so a tile of weights and of activations stays in L1.
+    pub fn matmul_tile(&self, n: usize, rows: &[u8], acts: &[u8], batch: usize, out: &mut [f32]) {
+        const TILE: usize = 16;
+        let bs = |t: GgmlType| t.block_size() as usize;
+        assert!(n % bs(self.ty) == 0 && n % bs(self.vec_dot_type) == 0, "row length {n}");
+        let rb = n / bs(self.ty) * self.ty.block_bytes() as usize;
+        let ab = n / bs(self.vec_dot_type) * self.vec_dot_type.block_bytes() as usize;
+        assert!(rb > 0 && rows.len() % rb == 0, "weight rows for {}", self.ty);
+        let n_rows = rows.len() / rb;
+        assert_eq!(acts.len(), ab * batch, "activation rows for {}", self.vec_dot_type);
+        assert_eq!(out.len(), n_rows * batch, "output size");
+        for b0 in (0..batch).step_by(TILE) {
+            for r0 in (0..n_rows).step_by(TILE) {
+                for b in b0..(b0 + TILE).min(batch) {
+                    let act = acts[b * ab..].as_ptr();
+                    for r in r0..(r0 + TILE).min(n_rows) {
+                        // SAFETY: r < n_rows and b < batch, so row r ([r*rb, (r+1)*rb)) lies in
+                        // `rows`, activation b in `acts`, and r*batch+b in `out` (all checked
+                        // above); nrc = 1 is valid for every type.
+                        unsafe {
+                            (self.vec_dot)(
+                                n as i32,
+                                out.as_mut_ptr().add(r * batch + b),
+                                0,
+                                rows.as_ptr().add(r * rb).cast(),
+                                0,
+                                act.cast(),
+                                0,
+                                1,
+                            )
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Dequantizes one row of `out.len()` elements.
     pub fn dequantize_row(&self, row: &[u8], out: &mut [f32]) {
         let n = out.len() as u64;

@@ -11,10 +11,6 @@ use rayon::prelude::*;
 use crate::ggml::{self, Kernels};
 use crate::gguf::{ErrorKind, GgmlType, GgufFile, Result};
 
-/// Weight rows processed together against every activation row (keeps a tile of weights
-/// hot in L1 while the activations stream; 16 rows of Q4_1×576 are 5.6 KiB).
-const ROW_TILE: usize = 16;
-
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     pub ty: GgmlType,
@@ -105,28 +101,10 @@ impl<'a> Matrix<'a> {
 
     /// Single-threaded `out[o*batch + b] = dot(row o, act row b)` for rows `rows`.
     fn product_rows(&self, rows: std::ops::Range<usize>, act: &[u8], batch: usize, out: &mut [f32]) {
-        let arb = self.act_row_bytes();
         let rb = self.row_bytes();
-        debug_assert_eq!(out.len(), rows.len() * batch);
-        if batch == 1 {
-            self.kernels
-                .dot_rows(self.n_in, &self.data[rows.start * rb..rows.end * rb], &act[..arb], out);
-            return;
-        }
-        let mut tmp = [0f32; ROW_TILE];
-        let mut r0 = rows.start;
-        while r0 < rows.end {
-            let r1 = (r0 + ROW_TILE).min(rows.end);
-            let w = &self.data[r0 * rb..r1 * rb];
-            for b in 0..batch {
-                let t = &mut tmp[..r1 - r0];
-                self.kernels.dot_rows(self.n_in, w, &act[b * arb..(b + 1) * arb], t);
-                for (i, v) in t.iter().enumerate() {
-                    out[(r0 - rows.start + i) * batch + b] = *v;
-                }
-            }
-            r0 = r1;
-        }
+        let acts = &act[..self.act_row_bytes() * batch];
+        self.kernels
+            .matmul_tile(self.n_in, &self.data[rows.start * rb..rows.end * rb], acts, batch, out);
     }
 }
 

@@ -5,8 +5,8 @@
 //!   `ffn_inp` h = x + attn          ← the [`FfnHook`] decides per row whether the FFN runs
 //!   ffn_norm → gate/up (one region) → SwiGLU → ffn_down; x' = h + ffn (rows that ran)
 //! Numerics follow llama.cpp's CPU graph: activations quantized to the weight's
-//! `vec_dot_type`, RMS norm summed in f64, f16 KV cache with q and softmax weights rounded to
-//! f16 for the f16 dot products (llama.cpp without flash attention).
+//! `vec_dot_type`, RMS norm summed in f64, f16 KV cache and q rounded to f16 for q·k;
+//! softmax weights and p·v stay in f32.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::{KvCache, Llama};
-use crate::ggml::{F16Dot, Kernels};
+use super::math;
+use crate::ggml::Kernels;
 use crate::skip::FfnHook;
 use crate::tensor::{self, act_row_bytes, matmul_group, par_split, Matrix, MAX_SPLITS};
 
@@ -60,10 +61,14 @@ pub struct Batch<'t> {
     pub logits: Logits,
 }
 
+/// One attention worker's buffers: the K/V rows of the KV head it is on, widened to f32
+/// once per (layer, head) so the q·k and p·v loops are plain f32 SIMD.
 struct AttnScratch {
-    q16: Vec<f16>,
+    q: Vec<f32>,
     scores: Vec<f32>,
-    p16: Vec<f16>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    loaded: Option<usize>,
 }
 
 /// Preallocated buffers for batches of up to `max_batch` rows (llama2.c's `RunState`).
@@ -85,6 +90,8 @@ pub struct Scratch {
     v: Vec<f32>,
     /// Attention output `[B, n_embd]`.
     att: Vec<f32>,
+    /// Attention output head-major `[n_head, B, head_dim]`, as the workers write it.
+    att_hm: Vec<f32>,
     /// `ffn_inp` copies of rows whose FFN ran, for observing hooks `[B, n_embd]`.
     saved: Vec<f32>,
     ffn_rows: Vec<usize>,
@@ -114,14 +121,17 @@ impl Scratch {
             k: vec![0.0; b * c.kv_dim()],
             v: vec![0.0; b * c.kv_dim()],
             att: vec![0.0; b * c.n_embd],
+            att_hm: vec![0.0; b * c.n_embd],
             saved: vec![0.0; b * c.n_embd],
             ffn_rows: Vec::with_capacity(b),
             rope_cs: vec![0.0; b * c.rope_dim],
             attn: (0..MAX_SPLITS.min(rayon::current_num_threads().max(1) * 2))
                 .map(|_| AttnScratch {
-                    q16: vec![f16::ZERO; c.head_dim],
+                    q: vec![0.0; c.head_dim],
                     scores: vec![0.0; n_ctx],
-                    p16: vec![f16::ZERO; n_ctx],
+                    keys: vec![0.0; n_ctx * c.head_dim],
+                    values: vec![0.0; n_ctx * c.head_dim],
+                    loaded: None,
                 })
                 .collect(),
             logits: vec![0.0; c.n_vocab],
@@ -228,7 +238,6 @@ impl Llama<'_> {
         for (i, &p) in s.positions.iter().enumerate() {
             self.rope.angles(p, &mut s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim]);
         }
-        let f16dot = F16Dot::get();
 
         for (l, lw) in self.weights.layers.iter().enumerate() {
             // ---- attention (always runs, so the KV cache stays complete) ----
@@ -254,7 +263,13 @@ impl Llama<'_> {
                 self.rope.apply(&mut s.k[i * kv..(i + 1) * kv], hd, cs);
                 cache.store(l, pos0 + i, &s.k[i * kv..(i + 1) * kv], &s.v[i * kv..(i + 1) * kv]);
             }
-            self.attention(l, cache, &s.positions, &s.q[..b * d], &mut s.att[..b * d], &mut s.attn, f16dot);
+            self.attention(l, cache, &s.positions, &s.q[..b * d], &mut s.att_hm[..b * d], &mut s.attn);
+            // [n_head, B, head_dim] → [B, n_head * head_dim]
+            for (h, block) in s.att_hm[..b * d].chunks_exact(b * hd).enumerate() {
+                for (i, src) in block.chunks_exact(hd).enumerate() {
+                    s.att[i * d + h * hd..i * d + (h + 1) * hd].copy_from_slice(src);
+                }
+            }
             let slots = quantize_for(&[&lw.attn_output], &s.att[..b * d], d, b, &mut s.acts);
             let mm = &mut s.mm[..d * b];
             matmul_group(&[(&lw.attn_output, &s.acts[slots[0]][..])], b, mm);
@@ -295,8 +310,10 @@ impl Llama<'_> {
             );
             // SwiGLU: silu(gate) * up, then [n_ff, r] → [r, n_ff].
             let (gate, up) = mm.split_at_mut(ff * r);
-            for (g, &u) in gate.iter_mut().zip(up.iter()) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
+            if r > 4 {
+                gate.par_chunks_mut(ff).zip(up.par_chunks(ff)).for_each(|(g, u)| math::swiglu(g, u));
+            } else {
+                math::swiglu(gate, up);
             }
             tensor::transpose(gate, ff, r, &mut s.xn[..r * ff]);
             let slots = quantize_for(&[&lw.ffn_down], &s.xn[..r * ff], ff, r, &mut s.acts);
@@ -351,10 +368,10 @@ impl Llama<'_> {
         Ok(logits)
     }
 
-    /// Causal attention of `q` (`[B, n_embd]`, rows at `positions`) over the cache of layer
-    /// `l`, into `out` (`[B, n_embd]`). Work items are (row, head) pairs, split across threads
-    /// in contiguous ranges of equal cost (∝ attended positions).
-    #[allow(clippy::too_many_arguments)]
+    /// Causal attention of `q` (`[B, n_embd]`, rows at ascending `positions`) over the cache
+    /// of layer `l`, into `out` (`[n_head, B, head_dim]`). Work items are (head, row) pairs in
+    /// head-major order, split across threads in contiguous ranges of equal cost (∝ attended
+    /// positions), so each worker widens the K/V of only the few KV heads it meets.
     fn attention(
         &self,
         l: usize,
@@ -363,14 +380,15 @@ impl Llama<'_> {
         q: &[f32],
         out: &mut [f32],
         scratch: &mut [AttnScratch],
-        f16dot: F16Dot,
     ) {
         let c = &self.config;
-        let (nh, hd) = (c.n_head, c.head_dim);
+        let (nh, hd, d) = (c.n_head, c.head_dim, c.n_embd);
+        let b = positions.len();
         let group = c.n_head / c.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        let items = positions.len() * nh;
-        let cost = |i: usize| positions[i / nh] + 1 + 16;
+        let n_total = positions[b - 1] + 1;
+        let items = nh * b;
+        let cost = |i: usize| positions[i % b] + 1 + 16;
         let total: usize = (0..items).map(cost).sum();
         let splits = scratch.len().min(rayon::current_num_threads().max(1)).min(items).max(1);
         let mut bounds = [0usize; MAX_SPLITS + 1];
@@ -387,29 +405,33 @@ impl Llama<'_> {
             t += 1;
         }
         let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
+            sc.loaded = None;
             for (item, o) in (lo..hi).zip(chunk.chunks_exact_mut(hd)) {
-                let (row, h) = (item / nh, item % nh);
+                let (h, row) = (item / b, item % b);
                 let n = positions[row] + 1;
                 let kvh = h / group;
-                crate::ggml::f32_to_f16(&q[row * c.n_embd + h * hd..row * c.n_embd + (h + 1) * hd], &mut sc.q16);
-                let keys = cache.keys(l, kvh, n);
+                if sc.loaded != Some(kvh) {
+                    crate::ggml::f16_to_f32(cache.keys(l, kvh, n_total), &mut sc.keys[..n_total * hd]);
+                    crate::ggml::f16_to_f32(cache.values(l, kvh, n_total), &mut sc.values[..n_total * hd]);
+                    sc.loaded = Some(kvh);
+                }
+                // q is rounded to f16 as llama.cpp does before its f16 K dot product.
+                for (qi, &x) in sc.q.iter_mut().zip(&q[row * d + h * hd..row * d + (h + 1) * hd]) {
+                    *qi = f16::from_f32(x).to_f32();
+                }
                 let scores = &mut sc.scores[..n];
-                for (j, sj) in scores.iter_mut().enumerate() {
-                    *sj = f16dot.dot(&keys[j * hd..(j + 1) * hd], &sc.q16) * scale;
+                for (sj, kj) in scores.iter_mut().zip(sc.keys.chunks_exact(hd)) {
+                    *sj = math::dot(&sc.q, kj) * scale;
                 }
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f64;
                 for sj in scores.iter_mut() {
-                    *sj = (*sj - max).exp();
-                    sum += f64::from(*sj);
+                    *sj = math::exp(*sj - max);
                 }
+                let sum: f64 = scores.iter().map(|&v| f64::from(v)).sum();
                 let inv = (1.0 / sum) as f32;
-                for sj in scores.iter_mut() {
-                    *sj *= inv;
-                }
-                crate::ggml::f32_to_f16(scores, &mut sc.p16[..n]);
-                for (dd, od) in o.iter_mut().enumerate() {
-                    *od = f16dot.dot(cache.values_t(l, kvh, dd, n), &sc.p16[..n]);
+                o.fill(0.0);
+                for (&p, vj) in scores.iter().zip(sc.values.chunks_exact(hd)) {
+                    math::axpy(p * inv, vj, o);
                 }
             }
         };

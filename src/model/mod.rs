@@ -4,6 +4,7 @@
 mod config;
 mod forward;
 mod kv_cache;
+mod math;
 mod rope;
 mod weights;
 
