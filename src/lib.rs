@@ -4,6 +4,7 @@
 //! FFI module) → `tensor` (matrices, parallel products) → `skip` (hook types) → `model`
 //! (forward pass) → `tokenizer`, `chat`, `sampling`, `session` → `cli`.
 
+pub mod convert;
 pub mod fetch;
 pub mod ggml;
 pub mod gguf;
@@ -11,3 +12,4 @@ pub mod model;
 pub mod peer;
 pub mod skip;
 pub mod tensor;
+pub mod tokenizer;
