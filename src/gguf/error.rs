@@ -31,6 +31,14 @@ pub enum ErrorKind {
     AbsurdCount { what: String, count: u64, max: u64 },
     #[error("{what} is not valid UTF-8")]
     BadUtf8 { what: String },
+    #[error("metadata entry {index} has an empty key")]
+    EmptyKey { index: u64 },
+    #[error("tensor '{tensor}': name is {len} bytes long, expected at most {max} (ggml's GGML_MAX_NAME - 1)")]
+    NameTooLong {
+        tensor: String,
+        len: usize,
+        max: usize,
+    },
     #[error("duplicate metadata key '{key}'")]
     DuplicateKey { key: String },
     #[error("metadata key '{key}' has unknown value type {found} (known: 0..=12)")]
@@ -45,14 +53,16 @@ pub enum ErrorKind {
     BadDimCount { tensor: String, found: u32 },
     #[error("tensor '{tensor}' has unknown type {found}")]
     UnknownTensorType { tensor: String, found: u32 },
-    #[error("tensor '{tensor}' has dimension {dim} = {found}, expected 1 to {max}")]
+    #[error("tensor '{tensor}' has ne[{dim}] = {found}, expected 1 to {max}")]
     BadDim {
         tensor: String,
         dim: usize,
         found: u64,
         max: u64,
     },
-    #[error("tensor '{tensor}' of type {ty}: ne[0] = {ne0} is not a multiple of the block size {block}")]
+    #[error(
+        "tensor '{tensor}' of type {ty}: ne[0] = {ne0} is not a multiple of the block size {block}"
+    )]
     NotBlockMultiple {
         tensor: String,
         ty: GgmlType,
@@ -61,13 +71,17 @@ pub enum ErrorKind {
     },
     #[error("tensor '{tensor}': size of shape {shape:?} overflows")]
     SizeOverflow { tensor: String, shape: Vec<u64> },
-    #[error("tensor '{tensor}': data offset {offset} is not a multiple of the alignment {alignment}")]
+    #[error(
+        "tensor '{tensor}': data offset {offset} is not a multiple of the alignment {alignment}"
+    )]
     Misaligned {
         tensor: String,
         offset: u64,
         alignment: u64,
     },
-    #[error("tensor '{tensor}': data [{start}, {end}) lies outside the data section of {size} bytes")]
+    #[error(
+        "tensor '{tensor}': data [{start}, {end}) lies outside the data section of {size} bytes"
+    )]
     OutOfFile {
         tensor: String,
         start: u64,

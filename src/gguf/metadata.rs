@@ -61,7 +61,12 @@ impl GgufFile {
         }
     }
 
-    fn check_range(&self, key: &str, v: u64, range: std::ops::RangeInclusive<u64>) -> Result<usize> {
+    fn check_range(
+        &self,
+        key: &str,
+        v: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<usize> {
         if !range.contains(&v) {
             return Err(self.error(ErrorKind::BadValue {
                 key: key.to_string(),

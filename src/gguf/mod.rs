@@ -7,6 +7,8 @@ mod types;
 mod writer;
 
 pub use error::{ErrorKind, GgufError, Result};
-pub use reader::{GgufFile, TensorInfo, DEFAULT_ALIGNMENT, MAGIC, MAX_DIMS};
+pub use reader::{
+    GgufFile, TensorInfo, DEFAULT_ALIGNMENT, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_NAME_LEN,
+};
 pub use types::{GgmlType, Value, ValueType};
 pub use writer::{write_value, GgufWriter, WriterTensor};

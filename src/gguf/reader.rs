@@ -3,7 +3,10 @@
 //! Layout (ggml `docs/gguf.md`): magic "GGUF", u32 version, u64 tensor_count, u64 kv_count,
 //! kv_count × (string key, u32 value type, value), tensor_count × (string name, u32 n_dims,
 //! n_dims × u64 ne, u32 type, u64 offset), padding to `general.alignment` (default 32),
-//! then the tensor data section. Validation follows ggml's `gguf.cpp`.
+//! then the tensor data section. Validation follows ggml's `gguf.cpp` (non-empty unique keys,
+//! known types, power-of-two u32 alignment, unique tensor names shorter than GGML_MAX_NAME,
+//! 1–4 dims, `ne[0] % block_size == 0`, checked sizes); beyond it, tensors may come in any
+//! order but must lie inside the file without overlapping, and `ne` must be ≥ 1.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,7 +18,12 @@ use super::types::{GgmlType, Value, ValueType};
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// Deepest array nesting we accept (arrays of arrays of …); real files use at most 2.
-const MAX_ARRAY_DEPTH: u32 = 8;
+pub const MAX_ARRAY_DEPTH: u32 = 8;
+/// ggml's GGML_MAX_NAME: tensor names must be shorter (gguf.cpp rejects `len >= 64`).
+pub const MAX_NAME_LEN: usize = 64;
+/// Entries pre-allocated from a count read from the file; larger counts grow as they are
+/// read, so a count that passed the room check still cannot force a huge allocation upfront.
+const PREALLOC_MAX: u64 = 4096;
 /// ggml's GGML_MAX_DIMS.
 pub const MAX_DIMS: u32 = 4;
 
@@ -219,21 +227,28 @@ impl<'a> Cursor<'a> {
         String::from_utf8(raw.to_vec()).map_err(|_| ErrorKind::BadUtf8 { what: what() })
     }
 
-    fn value(&mut self, ty: ValueType, key: &str, depth: u32) -> Result<Value, ErrorKind> {
-        let what = || format!("value of metadata key '{key}'");
+    /// Reads one value of type `ty`; `what` names it in errors ("value of metadata key 'k'",
+    /// "element 3 of metadata key 'k'").
+    fn value(
+        &mut self,
+        ty: ValueType,
+        key: &str,
+        depth: u32,
+        what: &dyn Fn() -> String,
+    ) -> Result<Value, ErrorKind> {
         Ok(match ty {
-            ValueType::U8 => Value::U8(self.array::<1>(&what)?[0]),
-            ValueType::I8 => Value::I8(self.array::<1>(&what)?[0] as i8),
-            ValueType::U16 => Value::U16(u16::from_le_bytes(self.array(&what)?)),
-            ValueType::I16 => Value::I16(i16::from_le_bytes(self.array(&what)?)),
-            ValueType::U32 => Value::U32(u32::from_le_bytes(self.array(&what)?)),
-            ValueType::I32 => Value::I32(i32::from_le_bytes(self.array(&what)?)),
-            ValueType::F32 => Value::F32(f32::from_le_bytes(self.array(&what)?)),
-            ValueType::U64 => Value::U64(u64::from_le_bytes(self.array(&what)?)),
-            ValueType::I64 => Value::I64(i64::from_le_bytes(self.array(&what)?)),
-            ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(&what)?)),
+            ValueType::U8 => Value::U8(self.array::<1>(what)?[0]),
+            ValueType::I8 => Value::I8(self.array::<1>(what)?[0] as i8),
+            ValueType::U16 => Value::U16(u16::from_le_bytes(self.array(what)?)),
+            ValueType::I16 => Value::I16(i16::from_le_bytes(self.array(what)?)),
+            ValueType::U32 => Value::U32(u32::from_le_bytes(self.array(what)?)),
+            ValueType::I32 => Value::I32(i32::from_le_bytes(self.array(what)?)),
+            ValueType::F32 => Value::F32(f32::from_le_bytes(self.array(what)?)),
+            ValueType::U64 => Value::U64(u64::from_le_bytes(self.array(what)?)),
+            ValueType::I64 => Value::I64(i64::from_le_bytes(self.array(what)?)),
+            ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(what)?)),
             ValueType::Bool => {
-                let b = self.array::<1>(&what)?[0];
+                let b = self.array::<1>(what)?[0];
                 if b > 1 {
                     return Err(ErrorKind::BadValue {
                         key: key.to_string(),
@@ -243,7 +258,7 @@ impl<'a> Cursor<'a> {
                 }
                 Value::Bool(b == 1)
             }
-            ValueType::String => Value::String(self.string(&what)?),
+            ValueType::String => Value::String(self.string(what)?),
             ValueType::Array => {
                 let raw = self.u32(&|| format!("array type of metadata key '{key}'"))?;
                 let elem = ValueType::from_u32(raw).ok_or(ErrorKind::UnknownValueType {
@@ -264,9 +279,13 @@ impl<'a> Cursor<'a> {
                         max,
                     });
                 }
-                let mut items = Vec::with_capacity(n as usize);
-                for _ in 0..n {
-                    items.push(self.value(elem, key, depth + 1)?);
+                let mut items = Vec::with_capacity(n.min(PREALLOC_MAX) as usize);
+                for i in 0..n {
+                    let what = || match depth {
+                        0 => format!("element {i} of metadata key '{key}'"),
+                        _ => format!("element {i} of {}", what()),
+                    };
+                    items.push(self.value(elem, key, depth + 1, &what)?);
                 }
                 Value::Array(elem, items)
             }
@@ -308,16 +327,19 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
             max: max_kv,
         });
     }
-    let mut metadata = Vec::with_capacity(n_kv as usize);
-    let mut key_index = HashMap::with_capacity(n_kv as usize);
+    let mut metadata = Vec::with_capacity(n_kv.min(PREALLOC_MAX) as usize);
+    let mut key_index = HashMap::with_capacity(n_kv.min(PREALLOC_MAX) as usize);
     for i in 0..n_kv {
         let key = c.string(&|| format!("key of metadata entry {i}"))?;
+        if key.is_empty() {
+            return Err(ErrorKind::EmptyKey { index: i });
+        }
         let raw = c.u32(&|| format!("value type of metadata key '{key}'"))?;
         let ty = ValueType::from_u32(raw).ok_or_else(|| ErrorKind::UnknownValueType {
             key: key.clone(),
             found: raw,
         })?;
-        let value = c.value(ty, &key, 0)?;
+        let value = c.value(ty, &key, 0, &|| format!("value of metadata key '{key}'"))?;
         if key_index.insert(key.clone(), metadata.len()).is_some() {
             return Err(ErrorKind::DuplicateKey { key });
         }
@@ -349,10 +371,17 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
             max: max_tensors,
         });
     }
-    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
-    let mut tensor_index = HashMap::with_capacity(n_tensors as usize);
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors.min(PREALLOC_MAX) as usize);
+    let mut tensor_index = HashMap::with_capacity(n_tensors.min(PREALLOC_MAX) as usize);
     for i in 0..n_tensors {
         let name = c.string(&|| format!("name of tensor {i}"))?;
+        if name.len() >= MAX_NAME_LEN {
+            return Err(ErrorKind::NameTooLong {
+                len: name.len(),
+                tensor: name,
+                max: MAX_NAME_LEN - 1,
+            });
+        }
         let n_dims = c.u32(&|| format!("dimension count of tensor '{name}'"))?;
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(ErrorKind::BadDimCount {
@@ -424,7 +453,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
     let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
     by_offset.sort_by_key(|t| t.offset);
     for t in &by_offset {
-        let end = t.offset.checked_add(t.n_bytes).unwrap_or(u64::MAX);
+        let end = t.offset.saturating_add(t.n_bytes);
         if end > data_size {
             return Err(ErrorKind::OutOfFile {
                 tensor: t.name.clone(),

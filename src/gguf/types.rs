@@ -364,7 +364,13 @@ impl Value {
             Value::Array(_, v) => {
                 let head: Vec<String> = v.iter().take(3).map(|x| x.summary(16)).collect();
                 let more = if v.len() > 3 { ", …" } else { "" };
-                format!("{} × {} [{}{}]", self.type_desc(), v.len(), head.join(", "), more)
+                format!(
+                    "{} × {} [{}{}]",
+                    self.type_desc(),
+                    v.len(),
+                    head.join(", "),
+                    more
+                )
             }
             Value::U8(v) => v.to_string(),
             Value::I8(v) => v.to_string(),

@@ -6,8 +6,8 @@ use std::borrow::Cow;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
-use super::reader::DEFAULT_ALIGNMENT;
-use super::types::{GgmlType, Value};
+use super::reader::{DEFAULT_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_NAME_LEN};
+use super::types::{GgmlType, Value, ValueType};
 
 pub struct WriterTensor<'a> {
     pub name: String,
@@ -44,11 +44,49 @@ impl<'a> GgufWriter<'a> {
         &self.metadata
     }
 
-    fn alignment(&self) -> u64 {
+    /// `general.alignment` if set (a power-of-two u32, as the reader and ggml require), else 32.
+    fn alignment(&self) -> io::Result<u64> {
         match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
-            Some((_, Value::U32(a))) if a.is_power_of_two() => u64::from(*a),
-            _ => DEFAULT_ALIGNMENT,
+            None => Ok(DEFAULT_ALIGNMENT),
+            Some((_, Value::U32(a))) if a.is_power_of_two() => Ok(u64::from(*a)),
+            Some((_, v)) => Err(invalid(format!(
+                "metadata key 'general.alignment' must be a power-of-two u32, found {} {}",
+                v.type_desc(),
+                v.summary(16)
+            ))),
         }
+    }
+
+    /// Refuses metadata the reader (and ggml's gguf.cpp) would reject: empty keys, arrays
+    /// whose items are not of the declared element type, nesting deeper than the reader takes.
+    fn check_metadata(&self) -> io::Result<()> {
+        fn check(key: &str, v: &Value, depth: u32) -> io::Result<()> {
+            let Value::Array(elem, items) = v else {
+                return Ok(());
+            };
+            if *elem == ValueType::Array && depth + 1 >= MAX_ARRAY_DEPTH {
+                return Err(invalid(format!(
+                    "metadata key '{key}' nests arrays deeper than {MAX_ARRAY_DEPTH} levels"
+                )));
+            }
+            for (i, item) in items.iter().enumerate() {
+                if item.value_type() != *elem {
+                    return Err(invalid(format!(
+                        "metadata key '{key}': element {i} is {}, expected {elem} (the array's element type)",
+                        item.type_desc()
+                    )));
+                }
+                check(key, item, depth + 1)?;
+            }
+            Ok(())
+        }
+        for (k, v) in &self.metadata {
+            if k.is_empty() {
+                return Err(invalid("metadata key is empty".into()));
+            }
+            check(k, v, 0)?;
+        }
+        Ok(())
     }
 
     /// Adds a tensor; its byte length must match its type and shape.
@@ -60,19 +98,40 @@ impl<'a> GgufWriter<'a> {
         data: impl Into<Cow<'a, [u8]>>,
     ) -> io::Result<()> {
         let data = data.into();
-        let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
-        if shape.is_empty() || shape.len() > 4 {
+        if name.len() >= MAX_NAME_LEN {
             return Err(invalid(format!(
-                "tensor '{name}': {} dimensions, expected 1 to 4",
+                "tensor '{name}': name is {} bytes long, expected at most {}",
+                name.len(),
+                MAX_NAME_LEN - 1
+            )));
+        }
+        if shape.is_empty() || shape.len() > MAX_DIMS as usize {
+            return Err(invalid(format!(
+                "tensor '{name}': {} dimensions, expected 1 to {MAX_DIMS}",
                 shape.len()
             )));
         }
-        let rows: u64 = shape[1..].iter().product();
-        let expected = ty.row_bytes(shape[0]).map(|b| b * rows).ok_or_else(|| {
+        if let Some((d, ne)) = shape
+            .iter()
+            .enumerate()
+            .find(|(_, &ne)| ne == 0 || ne > i64::MAX as u64)
+        {
+            return Err(invalid(format!(
+                "tensor '{name}': ne[{d}] = {ne}, expected 1 to {}",
+                i64::MAX
+            )));
+        }
+        let rows = shape[1..].iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+        let row = ty.row_bytes(shape[0]).ok_or_else(|| {
             invalid(format!(
                 "tensor '{name}': ne[0] = {} is not a multiple of the {ty} block size {}",
                 shape[0],
                 ty.block_size()
+            ))
+        })?;
+        let expected = rows.and_then(|r| r.checked_mul(row)).ok_or_else(|| {
+            invalid(format!(
+                "tensor '{name}': size of shape {shape:?} overflows"
             ))
         })?;
         if expected != data.len() as u64 {
@@ -93,9 +152,12 @@ impl<'a> GgufWriter<'a> {
         Ok(())
     }
 
-    /// Serialises the whole file into `out`.
+    /// Serialises the whole file into `out`. As ggml's `gguf_write_to_file` does, every
+    /// tensor's data (the last one included) is zero-padded to the alignment.
+    /// Fails, before writing anything, on metadata the reader would reject.
     pub fn write_to(&self, out: &mut impl Write) -> io::Result<()> {
-        let align = self.alignment();
+        let align = self.alignment()?;
+        self.check_metadata()?;
         let mut head = Vec::new();
         head.extend_from_slice(b"GGUF");
         head.extend_from_slice(&3u32.to_le_bytes());
@@ -128,14 +190,25 @@ impl<'a> GgufWriter<'a> {
             out.write_all(&t.data)?;
             pos = off + t.data.len() as u64;
         }
+        // `offset` is the padded end of the last tensor.
+        out.write_all(&vec![0u8; (offset - pos) as usize])?;
         Ok(())
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// The whole file in memory, or the `write_to` error (invalid metadata).
+    pub fn try_to_bytes(&self) -> io::Result<Vec<u8>> {
         let mut v = Vec::new();
-        // Writing into a Vec cannot fail.
-        let _ = self.write_to(&mut v);
-        v
+        self.write_to(&mut v)?;
+        Ok(v)
+    }
+
+    /// The whole file in memory.
+    ///
+    /// # Panics
+    /// If the metadata is invalid (see `write_to`); use `try_to_bytes` to get the error.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.try_to_bytes()
+            .unwrap_or_else(|e| panic!("GgufWriter::to_bytes: {e}"))
     }
 
     /// Writes atomically: `path.partial` first, then renamed to `path`.
@@ -156,6 +229,10 @@ impl<'a> GgufWriter<'a> {
             }
         }
     }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {

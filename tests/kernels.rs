@@ -1,0 +1,369 @@
+//! Kernel-vs-scalar-reference tests (DESIGN.md §4 "Tests in tiers"), in the spirit of
+//! ggml's `tests/test-quantize-fns.cpp`: for each weight type ggml's CPU backend can dot,
+//! quantize a random matrix with `ggml::quantize`, multiply with `tensor::matmul_group` on
+//! activations quantized with `tensor::quantize_rows`, and compare with an f64 dot of the
+//! dequantized weights and the original f32 activations.
+//!
+//! Since the reference uses the *dequantized* weights, weight quantization error cancels:
+//! what remains is the activations' quantization to the weight's `vec_dot_type` plus f32
+//! rounding in the kernel. For one output, with w the dequantized weights, x the f32
+//! activations and x̂ their quantized form, |kernel − ref| ≤ Σ_i |w_i|·|x̂_i − x_i| + accumulation.
+//! Per vec_dot_type (see `bound` below):
+//! * Q8_0 / Q8_1 / Q8_K (blocks of 32 / 32 / 256): d = amax_b/127 and q = round(x/d), so
+//!   |x̂_i − x_i| ≤ d/2 = amax_b/254; Q8_0 and Q8_1 store d as f16 (relative 2^-11 on
+//!   |q·d| ≤ amax_b), and Q8_1 also stores s = d·Σq as f16, multiplied by the weight block's
+//!   min m (|m| ≤ max_b|w|) in Q4_1/Q5_1 — we allow 2^-10 for each f16 rounding.
+//! * F16: x rounded to f16, relative 2^-11; BF16: relative 2^-9 (we allow 2^-8).
+//! * F32: none.
+//! Accumulation in f32: at most n products/blocks summed, n·2^-24 relative to Σ|w·x|;
+//! we allow 2^-14·Σ|w·x| for n = 512.
+//! This bound is a worst case (all rounding errors aligned); we assert measured ≤ bound and
+//! print the measured maximum as a fraction of the bound and of Σ|w·x|.
+
+use ffnskip::ggml;
+use ffnskip::gguf::GgmlType;
+use ffnskip::tensor::{matmul_group, quantize_rows, Matrix};
+
+/// Knuth's MMIX LCG; the high bits are used.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next() as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+    }
+    /// Roughly normal (sum of three uniforms), unit-ish scale.
+    fn normal(&mut self) -> f32 {
+        self.uniform() + self.uniform() + self.uniform()
+    }
+}
+
+/// Weight types the brief requires, all of which must have CPU kernels and a quantizer.
+/// IQ2_XXS, IQ2_XS and IQ1_S are absent: ggml's quantizer needs an importance matrix for
+/// them (`ggml_quantize_requires_imatrix`), which ffnskip does not compute; they are checked
+/// to be refused cleanly in `imatrix_types_are_refused`.
+const REQUIRED: [GgmlType; 19] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
+    GgmlType::IQ3_XXS,
+    GgmlType::IQ3_S,
+    GgmlType::IQ2_S,
+    GgmlType::IQ1_M,
+];
+
+/// Other types in `GgmlType::ALL` tested when this ggml build can quantize and dot them.
+const EXTRA: [GgmlType; 5] = [
+    GgmlType::TQ1_0,
+    GgmlType::TQ2_0,
+    GgmlType::MXFP4,
+    GgmlType::Q1_0,
+    GgmlType::Q2_0,
+];
+
+/// Random weights `[n_out, n_in]`: roughly normal, row scales varying over 100×, and an
+/// occasional outlier (as in real weight matrices).
+fn weights(rng: &mut Lcg, n_in: usize, n_out: usize) -> Vec<f32> {
+    let mut w = Vec::with_capacity(n_in * n_out);
+    for r in 0..n_out {
+        let scale = 0.01 * (1.0 + 99.0 * (r % 7) as f32 / 6.0);
+        for _ in 0..n_in {
+            let outlier = if rng.next() % 97 == 0 { 6.0 } else { 1.0 };
+            w.push(rng.normal() * scale * outlier);
+        }
+    }
+    w
+}
+
+/// Random activations `[batch, n]`: uniform with a few large outliers per row, as after
+/// RMS norm in an LLM (a few channels carry most of the magnitude).
+fn activations(rng: &mut Lcg, n: usize, batch: usize) -> Vec<f32> {
+    (0..n * batch)
+        .map(|_| {
+            let x = rng.uniform();
+            if rng.next() % 61 == 0 {
+                x * 20.0
+            } else {
+                x
+            }
+        })
+        .collect()
+}
+
+/// Worst-case |kernel − reference| for one output (see the file comment), and Σ|w·x|.
+fn bound(vdt: GgmlType, w: &[f32], x: &[f32]) -> (f64, f64) {
+    let abs_wx: f64 = w
+        .iter()
+        .zip(x)
+        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+        .sum();
+    let accumulation = abs_wx * 2f64.powi(-14);
+    let relative = |r: f64| r * abs_wx + accumulation;
+    match vdt {
+        GgmlType::F32 => (accumulation, abs_wx),
+        GgmlType::F16 => (relative(2f64.powi(-11)), abs_wx),
+        GgmlType::BF16 => (relative(2f64.powi(-8)), abs_wx),
+        GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8_K => {
+            let qk = vdt.block_size() as usize;
+            let mut e = accumulation;
+            for (wb, xb) in w.chunks(qk).zip(x.chunks(qk)) {
+                let amax = xb.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+                let wabs: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                let wmax = wb.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+                let xabs: f64 = xb.iter().map(|v| v.abs() as f64).sum();
+                // rounding to the int8 grid + f16 d; f16 s (Q8_1) times the weight min.
+                e += wabs * amax * (1.0 / 254.0 + 2f64.powi(-10)) + wmax * xabs * 2f64.powi(-10);
+            }
+            (e, abs_wx)
+        }
+        other => panic!("no error model for vec_dot_type {other}"),
+    }
+}
+
+/// Weights quantized to `ty`, their dequantized values, or why not.
+fn quantized(ty: GgmlType, w: &[f32], n_in: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
+    let q = ggml::quantize(ty, w, n_in)?;
+    let mut deq = vec![0f32; w.len()];
+    ggml::dequantize(ty, &q, &mut deq)?;
+    Ok((q, deq))
+}
+
+/// `matmul_group` of one matrix over `x` (`[batch, n_in]`), in a pool of `threads`.
+fn product(m: &Matrix, x: &[f32], batch: usize, threads: usize) -> Vec<f32> {
+    let mut act = vec![0u8; batch * m.act_row_bytes()];
+    quantize_rows(m.kernels(), x, m.n_in, &mut act);
+    let mut out = vec![f32::NAN; m.n_out * batch];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| matmul_group(&[(m, &act)], batch, &mut out));
+    out
+}
+
+struct Report {
+    /// max |Δ| / bound
+    of_bound: f64,
+    /// max |Δ| / Σ|w·x|
+    relative: f64,
+}
+
+/// Checks `ty` on an `[n_out, n_in]` matrix: batch 1 and 7, 1, 2 and 5 threads.
+fn check_type(ty: GgmlType, n_in: usize, n_out: usize, seed: u64) -> Result<Report, String> {
+    let mut rng = Lcg(seed);
+    let w = weights(&mut rng, n_in, n_out);
+    let (q, deq) = quantized(ty, &w, n_in)?;
+    let m = Matrix::from_raw(ty, n_in, n_out, &q).ok_or("Matrix::from_raw refused the data")?;
+    let vdt = m.vec_dot_type();
+    let batch = 7;
+    let x = activations(&mut rng, n_in, batch);
+
+    let mut rep = Report {
+        of_bound: 0.0,
+        relative: 0.0,
+    };
+    let out7 = product(&m, &x, batch, 2);
+    for b in 0..batch {
+        let xb = &x[b * n_in..(b + 1) * n_in];
+        for o in 0..n_out {
+            let wr = &deq[o * n_in..(o + 1) * n_in];
+            let reference: f64 = wr.iter().zip(xb).map(|(a, c)| *a as f64 * *c as f64).sum();
+            let got = out7[o * batch + b] as f64;
+            let (bnd, abs_wx) = bound(vdt, wr, xb);
+            let err = (got - reference).abs();
+            assert!(
+                err <= bnd,
+                "{ty} (activations as {vdt}), n_in {n_in}, row {o}, batch row {b}: kernel {got}, reference {reference}, |Δ| {err:.3e} > bound {bnd:.3e}"
+            );
+            rep.of_bound = rep.of_bound.max(err / bnd);
+            rep.relative = rep.relative.max(err / abs_wx);
+        }
+        // Batch-k results equal k batch-1 results exactly (same vec_dot per pair).
+        for threads in [1, 2] {
+            let out1 = product(&m, xb, 1, threads);
+            let col: Vec<f32> = (0..n_out).map(|o| out7[o * batch + b]).collect();
+            assert!(
+                out1.iter()
+                    .zip(&col)
+                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                "{ty}: batch-7 row {b} differs from a batch-1 product ({threads} threads)"
+            );
+        }
+    }
+    // The split across threads never changes a result.
+    for threads in [1, 5] {
+        let other = product(&m, &x, batch, threads);
+        assert!(
+            other
+                .iter()
+                .zip(&out7)
+                .all(|(a, c)| a.to_bits() == c.to_bits()),
+            "{ty}: {threads} threads differ from 2"
+        );
+    }
+    Ok(rep)
+}
+
+#[test]
+fn every_required_type_matches_the_scalar_reference() {
+    ggml::init();
+    let mut lines = Vec::new();
+    for (i, &ty) in REQUIRED.iter().enumerate() {
+        let k = ggml::kernels(ty).unwrap_or_else(|| panic!("ggml has no CPU kernels for {ty}"));
+        let rep = check_type(ty, 512, 37, 100 + i as u64).unwrap_or_else(|e| panic!("{ty}: {e}"));
+        // Small rows: one or three blocks of 32 (types whose blocks allow it).
+        let mut small = String::new();
+        for n_in in [32, 96] {
+            if n_in as u64 % ty.block_size() == 0 && n_in as u64 % k.vec_dot_type.block_size() == 0
+            {
+                let r =
+                    check_type(ty, n_in, 5, 200 + i as u64).unwrap_or_else(|e| panic!("{ty}: {e}"));
+                small += &format!("  n_in {n_in}: {:.3} of bound", r.of_bound);
+            }
+        }
+        lines.push(format!(
+            "{:>8} × {:<5}: max |Δ| = {:.3} of bound, {:.2e} of Σ|w·x|{small}",
+            ty.name(),
+            k.vec_dot_type.name(),
+            rep.of_bound,
+            rep.relative
+        ));
+        // A figure per activation type, ~3× the largest measured here (these inputs are
+        // fixed by the seeds): F32 5.7e-8, F16 1.4e-4, BF16 6.7e-4, Q8_0/Q8_1 7.5e-3 (32-wide
+        // blocks), Q8_K 1.6e-2 (256-wide blocks hold more outliers, so a coarser grid).
+        let ceiling = match k.vec_dot_type {
+            GgmlType::F32 => 2e-7,
+            GgmlType::F16 => 5e-4,
+            GgmlType::BF16 => 2e-3,
+            GgmlType::Q8_0 | GgmlType::Q8_1 => 2.5e-2,
+            _ => 5e-2,
+        };
+        assert!(
+            rep.relative <= ceiling,
+            "{ty}: max |Δ|/Σ|w·x| = {:.3e} > {ceiling:e}",
+            rep.relative
+        );
+    }
+    eprintln!(
+        "kernel errors vs f64 reference (weight × activation type):\n{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn extra_types_when_available() {
+    ggml::init();
+    for (i, &ty) in EXTRA.iter().enumerate() {
+        if ggml::kernels(ty).is_none() {
+            eprintln!("{ty}: no CPU vec_dot in this ggml build, skipped");
+            continue;
+        }
+        match check_type(ty, 512, 37, 300 + i as u64) {
+            Ok(r) => eprintln!(
+                "{ty}: max |Δ| = {:.3} of bound, {:.2e} of Σ|w·x|",
+                r.of_bound, r.relative
+            ),
+            Err(e) => eprintln!("{ty}: skipped: {e}"),
+        }
+    }
+}
+
+#[test]
+fn imatrix_types_are_refused() {
+    let w = vec![0.5f32; 256 * 2];
+    for ty in [GgmlType::IQ2_XXS, GgmlType::IQ2_XS, GgmlType::IQ1_S] {
+        assert!(ggml::quantize_requires_imatrix(ty));
+        assert_eq!(
+            ggml::quantize(ty, &w, 256).unwrap_err(),
+            format!("{ty} needs an importance matrix, which ffnskip does not compute")
+        );
+    }
+    assert_eq!(
+        ggml::quantize(GgmlType::Q4_0, &w[..100], 50).unwrap_err(),
+        "row length 50 is not a multiple of the q4_0 block size 32"
+    );
+}
+
+#[test]
+fn grouped_matrices_equal_separate_products() {
+    ggml::init();
+    let n_in = 512;
+    let mut rng = Lcg(42);
+    let x = activations(&mut rng, n_in, 7);
+    // Two pairs: same activation type (shared buffer), and different ones.
+    for (ta, tb) in [
+        (GgmlType::Q4_K, GgmlType::Q6_K),
+        (GgmlType::Q4_1, GgmlType::Q8_0),
+        (GgmlType::F16, GgmlType::Q5_0),
+    ] {
+        let (na, nb) = (37, 20);
+        let (qa, _) = quantized(ta, &weights(&mut rng, n_in, na), n_in).unwrap();
+        let (qb, _) = quantized(tb, &weights(&mut rng, n_in, nb), n_in).unwrap();
+        let ma = Matrix::from_raw(ta, n_in, na, &qa).unwrap();
+        let mb = Matrix::from_raw(tb, n_in, nb, &qb).unwrap();
+        for batch in [1, 7] {
+            let xs = &x[..batch * n_in];
+            let quant = |m: &Matrix| {
+                let mut a = vec![0u8; batch * m.act_row_bytes()];
+                quantize_rows(m.kernels(), xs, n_in, &mut a);
+                a
+            };
+            let (aa, ab) = (quant(&ma), quant(&mb));
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut both = vec![f32::NAN; (na + nb) * batch];
+                pool.install(|| matmul_group(&[(&ma, &aa), (&mb, &ab)], batch, &mut both));
+                let sa = product(&ma, xs, batch, threads);
+                let sb = product(&mb, xs, batch, threads);
+                let separate: Vec<f32> = sa.into_iter().chain(sb).collect();
+                assert!(
+                    both.iter()
+                        .zip(&separate)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ta}+{tb}, batch {batch}, {threads} threads: grouped ≠ separate"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn from_raw_checks_geometry() {
+    let data = vec![0u8; 144 * 2];
+    assert!(Matrix::from_raw(GgmlType::Q4_0, 32, 2, &data[..36]).is_some());
+    assert!(
+        Matrix::from_raw(GgmlType::Q4_0, 32, 3, &data[..36]).is_none(),
+        "wrong byte count"
+    );
+    assert!(
+        Matrix::from_raw(GgmlType::Q4_0, 33, 2, &data[..36]).is_none(),
+        "not whole blocks"
+    );
+    // Q4_K rows are whole 256-element blocks of 144 bytes.
+    assert!(Matrix::from_raw(GgmlType::Q4_K, 256, 2, &data).is_some());
+    assert!(Matrix::from_raw(GgmlType::Q4_K, 128, 4, &data).is_none());
+    // Types without a CPU dot product (activation-only Q8_K) are refused.
+    assert!(Matrix::from_raw(GgmlType::Q8_K, 256, 1, &vec![0u8; 292]).is_none());
+}
