@@ -532,10 +532,11 @@ impl Tokenizer {
         } else {
             None
         };
-        let (mut bos, mut eos, unk) = if is_bpe {
-            (Some(11u32), Some(11u32), None)
+        // llama.cpp's defaults when the id keys are absent.
+        let (mut bos, mut eos) = if is_bpe {
+            (Some(11u32), Some(11u32))
         } else {
-            (Some(1), Some(2), Some(0u32))
+            (Some(1), Some(2))
         };
         let chatglm = matches!(
             f.opt_str("tokenizer.ggml.pre")?,
@@ -556,7 +557,6 @@ impl Tokenizer {
         let in_range = |id: Option<u32>| id.filter(|&i| (i as usize) < n);
         bos = in_range(bos);
         eos = in_range(eos);
-        let _ = in_range(unk);
         let id_key = |key: &str| -> Result<Option<u32>, GgufError> {
             match f.opt_u64(key)? {
                 None => Ok(None),
@@ -805,12 +805,15 @@ impl Tokenizer {
             Model::Bpe(tok) => {
                 for frag in fragments {
                     match frag {
-                        Fragment::Text(a, b) => match tok.encode_fast(&text[a..b], false) {
-                            Ok(enc) => out.extend_from_slice(enc.get_ids()),
-                            // The model has no unknown token and the regexes always match,
-                            // so encoding cannot fail; keep going rather than panic.
-                            Err(_) => {}
-                        },
+                        Fragment::Text(a, b) => {
+                            // Cannot fail: no normalizer, no unknown token, and the split
+                            // regexes were compiled at load.
+                            let enc = tok.encode_fast(&text[a..b], false);
+                            debug_assert!(enc.is_ok(), "{enc:?}");
+                            if let Ok(enc) = enc {
+                                out.extend_from_slice(enc.get_ids());
+                            }
+                        }
                         Fragment::Token(t) => out.push(t),
                     }
                 }

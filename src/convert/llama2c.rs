@@ -150,21 +150,21 @@ pub fn read_checkpoint_header(path: &Path, bytes: &[u8]) -> Result<Llama2cHeader
         seq_len: raw[6] as usize,
         shared_classifier: raw[5] > 0,
     };
-    if h.dim % h.n_heads != 0 {
+    if !h.dim.is_multiple_of(h.n_heads) {
         bail!(
             "{p}: llama2.c header: dim = {} is not a multiple of n_heads = {}",
             h.dim,
             h.n_heads
         );
     }
-    if h.n_kv_heads > h.n_heads || h.n_heads % h.n_kv_heads != 0 {
+    if h.n_kv_heads > h.n_heads || !h.n_heads.is_multiple_of(h.n_kv_heads) {
         bail!(
             "{p}: llama2.c header: n_kv_heads = {} must divide n_heads = {}",
             h.n_kv_heads,
             h.n_heads
         );
     }
-    if h.head_size() % 2 != 0 {
+    if !h.head_size().is_multiple_of(2) {
         bail!(
             "{p}: llama2.c header: head size dim / n_heads = {} must be even for RoPE",
             h.head_size()
@@ -490,11 +490,11 @@ mod tests {
         assert!(e.contains("n_layers = 0"), "{e}");
         let e = read_checkpoint_header(
             p,
-            &header([i32::MAX, i32::MAX, i32::MAX, 1, 1, i32::MAX, i32::MAX]),
+            &header([0x7fff_fffc, i32::MAX, i32::MAX, 2, 2, i32::MAX, i32::MAX]),
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("needs") || e.contains("overflows"), "{e}");
+        assert!(e.contains("gives a size that overflows"), "{e}");
     }
 
     #[test]
