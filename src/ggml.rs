@@ -100,7 +100,8 @@ impl Kernels {
     pub fn dot_rows(&self, n: usize, rows: &[u8], act: &[u8], out: &mut [f32]) {
         let row_bytes = (n as u64 / self.ty.block_size() * self.ty.block_bytes()) as usize;
         assert!(
-            n as u64 % self.ty.block_size() == 0 && n as u64 % self.vec_dot_type.block_size() == 0
+            (n as u64).is_multiple_of(self.ty.block_size())
+                && (n as u64).is_multiple_of(self.vec_dot_type.block_size())
         );
         assert_eq!(
             rows.len(),
@@ -140,13 +141,13 @@ impl Kernels {
         const TILE: usize = 16;
         let bs = |t: GgmlType| t.block_size() as usize;
         assert!(
-            n % bs(self.ty) == 0 && n % bs(self.vec_dot_type) == 0,
+            n.is_multiple_of(bs(self.ty)) && n.is_multiple_of(bs(self.vec_dot_type)),
             "row length {n}"
         );
         let rb = n / bs(self.ty) * self.ty.block_bytes() as usize;
         let ab = n / bs(self.vec_dot_type) * self.vec_dot_type.block_bytes() as usize;
         assert!(
-            rb > 0 && rows.len() % rb == 0,
+            rb > 0 && rows.len().is_multiple_of(rb),
             "weight rows for {}",
             self.ty
         );
@@ -256,7 +257,7 @@ pub fn quantize_requires_imatrix(ty: GgmlType) -> bool {
 /// (`ggml_quantize_chunk`, as llama.cpp's `llama-quantize` uses, without imatrix).
 pub fn quantize(ty: GgmlType, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, String> {
     init();
-    if n_per_row == 0 || src.len() % n_per_row != 0 {
+    if n_per_row == 0 || !src.len().is_multiple_of(n_per_row) {
         return Err(format!(
             "{} floats are not whole rows of {n_per_row}",
             src.len()

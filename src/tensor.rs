@@ -38,7 +38,7 @@ impl<'a> Matrix<'a> {
             }));
         }
         let kernels = ggml::kernels(info.ty)
-            .filter(|k| n_in as u64 % k.vec_dot_type.block_size() == 0)
+            .filter(|k| (n_in as u64).is_multiple_of(k.vec_dot_type.block_size()))
             .ok_or_else(|| {
                 f.error(ErrorKind::WrongTensorType {
                     tensor: name.to_string(),
@@ -59,7 +59,7 @@ impl<'a> Matrix<'a> {
     pub fn from_raw(ty: GgmlType, n_in: usize, n_out: usize, data: &'a [u8]) -> Option<Self> {
         let kernels = ggml::kernels(ty)?;
         if ty.row_bytes(n_in as u64)? * n_out as u64 != data.len() as u64
-            || n_in as u64 % kernels.vec_dot_type.block_size() != 0
+            || !(n_in as u64).is_multiple_of(kernels.vec_dot_type.block_size())
         {
             return None;
         }

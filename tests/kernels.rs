@@ -15,6 +15,7 @@
 //!   min m (|m| ≤ max_b|w|) in Q4_1/Q5_1 — we allow 2^-10 for each f16 rounding.
 //! * F16: x rounded to f16, relative 2^-11; BF16: relative 2^-9 (we allow 2^-8).
 //! * F32: none.
+//!
 //! Accumulation in f32: at most n products/blocks summed, n·2^-24 relative to Σ|w·x|;
 //! we allow 2^-14·Σ|w·x| for n = 512.
 //! This bound is a worst case (all rounding errors aligned); we assert measured ≤ bound and
@@ -87,7 +88,11 @@ fn weights(rng: &mut Lcg, n_in: usize, n_out: usize) -> Vec<f32> {
     for r in 0..n_out {
         let scale = 0.01 * (1.0 + 99.0 * (r % 7) as f32 / 6.0);
         for _ in 0..n_in {
-            let outlier = if rng.next() % 97 == 0 { 6.0 } else { 1.0 };
+            let outlier = if rng.next().is_multiple_of(97) {
+                6.0
+            } else {
+                1.0
+            };
             w.push(rng.normal() * scale * outlier);
         }
     }
@@ -100,7 +105,7 @@ fn activations(rng: &mut Lcg, n: usize, batch: usize) -> Vec<f32> {
     (0..n * batch)
         .map(|_| {
             let x = rng.uniform();
-            if rng.next() % 61 == 0 {
+            if rng.next().is_multiple_of(61) {
                 x * 20.0
             } else {
                 x
@@ -233,7 +238,8 @@ fn every_required_type_matches_the_scalar_reference() {
         // Small rows: one or three blocks of 32 (types whose blocks allow it).
         let mut small = String::new();
         for n_in in [32, 96] {
-            if n_in as u64 % ty.block_size() == 0 && n_in as u64 % k.vec_dot_type.block_size() == 0
+            if (n_in as u64).is_multiple_of(ty.block_size())
+                && (n_in as u64).is_multiple_of(k.vec_dot_type.block_size())
             {
                 let r =
                     check_type(ty, n_in, 5, 200 + i as u64).unwrap_or_else(|e| panic!("{ty}: {e}"));
