@@ -1,0 +1,166 @@
+//! The `ffnskip` binary end to end on the default model.
+
+mod common;
+
+use std::process::Command;
+
+fn ffnskip(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ffnskip"))
+        .args(args)
+        .output()
+        .expect("run ffnskip")
+}
+
+#[test]
+fn generate_json_is_one_object_with_greedy_tokens_of_llama_cpp() {
+    let model = common::default_model();
+    let m = model.to_str().expect("utf-8 path");
+    let out = ffnskip(&[
+        "generate",
+        "-m",
+        m,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "12",
+        "--temp",
+        "0",
+        "-t",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(
+        stdout.trim().lines().count(),
+        1,
+        "exactly one JSON line: {stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    for key in [
+        "model",
+        "prompt_tokens",
+        "tokens",
+        "text",
+        "timings",
+        "stop_reason",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    for key in ["load_ms", "prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(
+            v["timings"][key].as_f64().is_some_and(|x| x > 0.0),
+            "timings.{key} in {v}"
+        );
+    }
+    assert_eq!(v["prompt_tokens"], 5);
+    assert_eq!(v["stop_reason"], "max_tokens");
+    let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).expect("ids");
+    // llama.cpp's greedy continuation of the same prompt.
+    let peer = ffnskip::peer::LlamaCpp::load(&model).expect("llama.cpp");
+    let ids = peer.tokenize("The capital of France is", true, true);
+    let mut ctx = peer
+        .context(256, 2, ffnskip::peer::FlashAttn::Off)
+        .expect("ctx");
+    let want = ctx.greedy(&ids, 12, |_| false).expect("greedy");
+    assert_eq!(tokens, want);
+    assert_eq!(
+        v["text"].as_str().expect("text"),
+        String::from_utf8_lossy(&peer.detokenize(&want))
+    );
+}
+
+#[test]
+fn generate_streams_text_and_reports_speed() {
+    let model = common::default_model();
+    let out = ffnskip(&[
+        "generate",
+        "-m",
+        model.to_str().expect("path"),
+        "-p",
+        "Once upon a time",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+    ]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("generated at") && err.contains("tok/s"),
+        "{err}"
+    );
+}
+
+#[test]
+fn inspect_reports_hyperparameters_quant_mix_tokenizer_and_simd() {
+    let model = common::default_model();
+    let out = ffnskip(&["inspect", model.to_str().expect("path")]);
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "architecture llama",
+        "layers       30",
+        "embedding    576  ffn 1536",
+        "heads        9 (kv 3, GQA 3×), head dim 64",
+        "rope         base 100000",
+        "vocabulary   49152",
+        "tied to token_embd.weight",
+        "gpt2 byte-level BPE (gpt2), pre-tokenizer 'smollm', 49152 tokens",
+        "chat         template present",
+        "q4_1",
+        "q8_0",
+        "blk.29.ffn_down.weight",
+        "kernels      ggml CPU:",
+    ] {
+        assert!(s.contains(want), "inspect output lacks {want:?}:\n{s}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    assert!(s.contains("AVX2"), "{s}");
+}
+
+#[test]
+fn tokenize_prints_llama_cpp_ids_as_json() {
+    let model = common::default_model();
+    let text = "Hello world! <|im_start|>user";
+    let out = ffnskip(&["tokenize", "-m", model.to_str().expect("path"), "-p", text]);
+    assert!(out.status.success());
+    let ids: Vec<u32> = serde_json::from_slice(&out.stdout).expect("json array");
+    let peer = ffnskip::peer::LlamaCpp::load_vocab(&model).expect("vocab");
+    assert_eq!(ids, peer.tokenize(text, true, true));
+}
+
+#[test]
+fn bad_inputs_fail_with_messages_not_panics() {
+    let out = ffnskip(&["generate", "-m", "/nonexistent/model.gguf", "-p", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/model.gguf: cannot read file"),
+        "{err}"
+    );
+    let dir = std::env::temp_dir().join(format!("ffnskip-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let bad = dir.join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00").expect("write");
+    let out = ffnskip(&["inspect", bad.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "bad.gguf: truncated file: tensor count at offset 8 needs 8 bytes, only 0 remain"
+        ),
+        "{err}"
+    );
+    let out = ffnskip(&["generate", "-p", "x", "--top-p", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--top-p"));
+    let out = ffnskip(&["generate"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no prompt"));
+    let _ = std::fs::remove_dir_all(dir);
+}
