@@ -65,6 +65,11 @@ pub struct Batch<'t> {
 struct AttnScratch {
     /// q of one head rounded to f16 `[head_dim]`.
     q16: Vec<f16>,
+    /// The same, widened back to f32.
+    q: Vec<f32>,
+    /// Keys of the KV head last used, widened to f32 `[n_ctx, head_dim]`.
+    keys: Vec<f32>,
+    loaded: Option<usize>,
     scores: Vec<f32>,
     /// Softmax weights rounded to f16, zero-padded to llama.cpp's KV length `[n_ctx]`.
     p16: Vec<f16>,
@@ -127,6 +132,9 @@ impl Scratch {
             attn: (0..MAX_SPLITS.min(rayon::current_num_threads().max(1) * 2))
                 .map(|_| AttnScratch {
                     q16: vec![f16::ZERO; c.head_dim],
+                    q: vec![0.0; c.head_dim],
+                    keys: vec![0.0; n_ctx * c.head_dim],
+                    loaded: None,
                     scores: vec![0.0; n_ctx],
                     p16: vec![f16::ZERO; n_ctx],
                 })
@@ -402,7 +410,7 @@ impl Llama<'_> {
 
     /// Causal attention of `q` (`[B, n_embd]`, rows at ascending `positions`) over the cache
     /// of layer `l`, into `out` (`[n_head, B, head_dim]`), computed as llama.cpp's graph
-    /// without flash attention: q·k with ggml's f16 dot, softmax in f32 (sum in f64), weights
+    /// without flash attention: q·k of f16-rounded values, softmax in f32 (sum in f64), weights
     /// rounded to f16, p·v with ggml's f16 dot over the KV length padded to 256 positions
     /// (llama.cpp's `get_n_kv`) so the summation order is the same. Work items are (head, row)
     /// pairs split across threads in contiguous ranges of equal cost (∝ attended positions).
@@ -445,16 +453,25 @@ impl Llama<'_> {
             bounds[t] = items;
             t += 1;
         }
+        let n_total = positions[b - 1] + 1;
         let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
+            sc.loaded = None;
             for (item, o) in (lo..hi).zip(chunk.chunks_exact_mut(hd)) {
                 let (h, row) = (item / b, item % b);
                 let n = positions[row] + 1;
                 let kvh = h / group;
+                if sc.loaded != Some(kvh) {
+                    let keys = &mut sc.keys[..n_total * hd];
+                    crate::ggml::f16_to_f32(cache.keys(l, kvh, n_total), keys);
+                    sc.loaded = Some(kvh);
+                }
                 crate::ggml::f32_to_f16(&q[row * d + h * hd..row * d + (h + 1) * hd], &mut sc.q16);
-                let keys = cache.keys(l, kvh, n);
+                crate::ggml::f16_to_f32(&sc.q16, &mut sc.q);
+                // q·k of f16 values in f32, as ggml_vec_dot_f16 (summation order differs by
+                // ulps, which the f16 rounding of the weights below absorbs).
                 let scores = &mut sc.scores[..n];
-                for (sj, kj) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-                    *sj = f16dot.dot(kj, &sc.q16) * scale;
+                for (sj, kj) in scores.iter_mut().zip(sc.keys.chunks_exact(hd)) {
+                    *sj = math::dot(&sc.q, kj) * scale;
                 }
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 for sj in scores.iter_mut() {
