@@ -10,22 +10,25 @@ use llama_cpp_sys_2 as sys;
 
 use crate::gguf::GgmlType;
 
+/// `ggml_vec_dot_t`: `(n, out, bs, x, bx, y, by, nrc)`.
+type VecDotFn = unsafe extern "C" fn(
+    i32,
+    *mut f32,
+    usize,
+    *const std::ffi::c_void,
+    usize,
+    *const std::ffi::c_void,
+    usize,
+    i32,
+);
+
 /// ggml's CPU kernels for one weight type.
 #[derive(Clone, Copy)]
 pub struct Kernels {
     pub ty: GgmlType,
     /// The type activations are quantized to before `vec_dot` (Q8_0, Q8_1, Q8_K, F16, …).
     pub vec_dot_type: GgmlType,
-    vec_dot: unsafe extern "C" fn(
-        i32,
-        *mut f32,
-        usize,
-        *const std::ffi::c_void,
-        usize,
-        *const std::ffi::c_void,
-        usize,
-        i32,
-    ),
+    vec_dot: VecDotFn,
     from_float: Option<unsafe extern "C" fn(*const f32, *mut std::ffi::c_void, i64)>,
     to_float: Option<unsafe extern "C" fn(*const std::ffi::c_void, *mut f32, i64)>,
 }
@@ -359,16 +362,7 @@ pub fn llama_system_info() -> String {
 /// llama.cpp uses for q·k and p·v in attention.
 #[derive(Clone, Copy)]
 pub struct F16Dot {
-    vec_dot: unsafe extern "C" fn(
-        i32,
-        *mut f32,
-        usize,
-        *const std::ffi::c_void,
-        usize,
-        *const std::ffi::c_void,
-        usize,
-        i32,
-    ),
+    vec_dot: VecDotFn,
 }
 
 impl F16Dot {

@@ -103,7 +103,7 @@ impl GgufFile {
             kind: ErrorKind::Io(e.to_string()),
         };
         let file = File::open(&path).map_err(io)?;
-        // SAFETY-free: memmap2's `map` is unsafe only because another process could
+        // SAFETY: memmap2's `map` is unsafe only because another process could
         // truncate or modify the file while mapped; GGUF files are read-only inputs and we
         // accept that (as llama.cpp does with its mmap loader).
         #[allow(unsafe_code)]
