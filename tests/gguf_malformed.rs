@@ -5,6 +5,8 @@
 //! The second half checks model-level validation (`Llama::load`) on a tiny valid LLaMA
 //! written with `GgufWriter`, and a fixed-seed byte-flipping loop.
 
+mod common;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ffnskip::gguf::{GgmlType, GgufFile, GgufWriter, Value, ValueType};
@@ -1068,25 +1070,7 @@ fn model_level_errors() {
 // Byte flipping
 // ---------------------------------------------------------------------------------------
 
-/// Knuth's MMIX LCG; the high bits are used.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        (self.next() as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    }
-}
+use common::Lcg;
 
 /// Flips 1–4 random bytes (mostly in the header) of `base`, `iters` times; sometimes also
 /// truncates. Parsing must never panic; files that parse must load or fail cleanly as models.

@@ -8,25 +8,7 @@ use std::borrow::Cow;
 
 use ffnskip::gguf::{GgmlType, GgufFile, GgufWriter, Value, ValueType};
 
-/// Knuth's MMIX LCG; the high bits are used.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        (self.next() as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    }
-}
+use common::Lcg;
 
 /// One key per value type, plus nested, empty and edge-valued arrays.
 fn every_value() -> Vec<(&'static str, Value)> {

@@ -21,30 +21,13 @@
 //! This bound is a worst case (all rounding errors aligned); we assert measured ≤ bound and
 //! print the measured maximum as a fraction of the bound and of Σ|w·x|.
 
+mod common;
+
 use ffnskip::ggml;
 use ffnskip::gguf::GgmlType;
 use ffnskip::tensor::{matmul_group, quantize_rows, Matrix};
 
-/// Knuth's MMIX LCG; the high bits are used.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        (self.next() as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-    }
-    /// Roughly normal (sum of three uniforms), unit-ish scale.
-    fn normal(&mut self) -> f32 {
-        self.uniform() + self.uniform() + self.uniform()
-    }
-}
+use common::Lcg;
 
 /// Weight types the brief requires, all of which must have CPU kernels and a quantizer.
 /// IQ2_XXS, IQ2_XS and IQ1_S are absent: ggml's quantizer needs an importance matrix for

@@ -26,3 +26,30 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Knuth's MMIX LCG (deterministic test data, no dependencies); the high bits are used.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next() as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+    }
+    /// Roughly normal (sum of three uniforms), unit-ish scale.
+    pub fn normal(&mut self) -> f32 {
+        self.uniform() + self.uniform() + self.uniform()
+    }
+}
