@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::model::{Batch, ForwardError, KvCache, Llama, Logits, Scratch};
 use crate::sampling::Sampler;
-use crate::skip::{FfnHook, NoSkip};
+use crate::skip::{Controller, NoSkip};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +56,7 @@ fn rate(n: usize, t: Duration) -> f64 {
     }
 }
 
-pub struct Session<'m, H: FfnHook = NoSkip> {
+pub struct Session<'m, H: Controller = NoSkip> {
     pub model: &'m Llama<'m>,
     pool: rayon::ThreadPool,
     cache: KvCache,
@@ -73,7 +73,7 @@ impl<'m> Session<'m, NoSkip> {
     }
 }
 
-impl<'m, H: FfnHook> Session<'m, H> {
+impl<'m, H: Controller> Session<'m, H> {
     pub fn with_hook(model: &'m Llama<'m>, config: SessionConfig, hook: H) -> anyhow::Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.threads.max(1))
@@ -246,7 +246,7 @@ impl Generation {
 
 /// Generates after `new_tokens` (appended to what the session holds), streaming text
 /// pieces to `on_text` as soon as they form whole UTF-8 characters.
-pub fn generate<H: FfnHook>(
+pub fn generate<H: Controller>(
     session: &mut Session<'_, H>,
     tokenizer: &Tokenizer,
     sampler: &mut Sampler,

@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 
 use clap::Args;
 
-use super::{model_path, open_gguf, ModelArgs, SamplingArgs};
+use super::{model_path, open_gguf, ModelArgs, SamplingArgs, SkipArgs};
 use crate::chat::{ChatTemplate, Message};
 use crate::model::Llama;
 use crate::sampling::Sampler;
@@ -18,6 +18,8 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub skip: SkipArgs,
     /// System prompt (default: the template's own, if any).
     #[arg(long)]
     pub system: Option<String>,
@@ -44,7 +46,8 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         .to_string();
     let template = ChatTemplate::new(&path.display().to_string(), source, &bos, &eos)?;
     let config = SessionConfig::new(a.model.ctx(model.config.n_ctx_train), a.model.threads());
-    let mut session = Session::new(&model, config)?;
+    let controller = a.skip.controller(&model, &file, a.sampling.seed)?;
+    let mut session = Session::with_hook(&model, config, controller)?;
     let mut sampler = Sampler::new(a.sampling.config()?);
     let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     let base = messages.clone();
@@ -86,6 +89,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         let common = common.min(ids.len().saturating_sub(1));
         session.truncate(common);
         session.timings = Default::default();
+        session.hook.reset_stats();
         let stdout = std::io::stdout();
         let mut emit = |piece: &str| {
             let mut out = stdout.lock();
@@ -113,8 +117,13 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
             StopReason::MaxTokens => ", cut at --max-tokens",
             StopReason::ContextFull => ", context full: /reset to continue",
         };
+        let skip = if session.hook.params().policy == crate::skip::Policy::None {
+            String::new()
+        } else {
+            format!(", FFN skip {:.1}%", session.hook.stats.ratio() * 100.0)
+        };
         eprintln!(
-            "[{} tokens, {:.1} tok/s, prompt {} new tokens at {:.1} tok/s{note}]",
+            "[{} tokens, {:.1} tok/s{skip}, prompt {} new tokens at {:.1} tok/s{note}]",
             g.tokens.len(),
             g.decode_tokens_per_s(),
             g.prompt_tokens,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use super::{model_path, open_gguf, read_prompt, ModelArgs, SamplingArgs};
+use super::{model_path, open_gguf, read_prompt, skip_json, ModelArgs, SamplingArgs, SkipArgs};
 use crate::model::Llama;
 use crate::sampling::Sampler;
 use crate::session::{generate, Session, SessionConfig};
@@ -27,6 +27,8 @@ pub struct GenerateArgs {
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub skip: SkipArgs,
     /// Print one JSON object (ids, text, timings) instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -40,7 +42,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let model = Llama::load(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let config = SessionConfig::new(a.model.ctx(model.config.n_ctx_train), a.model.threads());
-    let mut session = Session::new(&model, config)?;
+    let controller = a.skip.controller(&model, &file, a.sampling.seed)?;
+    let mut session = Session::with_hook(&model, config, controller)?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     // As llama.cpp tokenizes a raw prompt: BOS only if the metadata asks, specials parsed.
     let ids = tokenizer.encode(&prompt, true, true);
@@ -77,12 +80,24 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 "decode_tokens_per_s": g.decode_tokens_per_s(),
             },
             "stop_reason": g.stop_reason,
+            "skip": skip_json(&session.hook),
         });
         println!("{obj}");
     } else {
         println!();
+        let st = &session.hook.stats;
+        let skip = if session.hook.params().policy == crate::skip::Policy::None {
+            String::new()
+        } else {
+            format!(
+                ", FFN skip {:.1}% ({} of {} blocks)",
+                st.ratio() * 100.0,
+                st.skipped_ffn,
+                st.eligible_ffn
+            )
+        };
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {:?}, load {:.0} ms]",
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s{skip}, stop: {:?}, load {:.0} ms]",
             g.prompt_tokens,
             g.prefill_tokens_per_s(),
             g.tokens.len(),

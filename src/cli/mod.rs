@@ -13,7 +13,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::gguf::GgufFile;
+use crate::model::Llama;
 use crate::sampling::SamplerConfig;
+use crate::skip::{Policy, Profile, SkipController, SkipOptions, SkipParams};
 
 #[derive(Parser)]
 #[command(
@@ -134,6 +136,118 @@ impl SamplingArgs {
             seed,
         })
     }
+}
+
+/// FFN skipping flags shared by `generate` and `chat`.
+#[derive(Args, Clone, Debug)]
+pub struct SkipArgs {
+    /// FFN skipping policy (`adaptive` is FFN-SkipLLM; the others are the paper's baselines).
+    #[arg(long = "skip", value_enum, default_value = "none")]
+    pub skip: Policy,
+    /// Target share of FFN blocks skipped per generated token, 0..1 (default 0.25).
+    #[arg(long = "skip-ratio")]
+    pub ratio: Option<f64>,
+    /// Adaptive: cosine similarity that starts a skip run (default: profile, else 0.95).
+    #[arg(long = "threshold", allow_negative_numbers = true)]
+    pub threshold: Option<f32>,
+    /// Generated tokens run in full before skipping starts (default 8).
+    #[arg(long = "warmup")]
+    pub warmup: Option<usize>,
+    /// Leading layers whose FFN always runs (default: profile, else 5 of 32 scaled).
+    #[arg(long = "cold-start")]
+    pub cold_start: Option<usize>,
+    /// Trailing layers whose FFN always runs (default: profile, else 5 of 32 scaled).
+    #[arg(long = "cold-end")]
+    pub cold_end: Option<usize>,
+    /// Every N-th token after warm-up runs in full (0 = never; the authors' code uses 6).
+    #[arg(long = "full-every")]
+    pub full_every: Option<usize>,
+    /// Calibration profile JSON from `ffnskip calibrate` (default: the one embedded in the
+    /// model, if any).
+    #[arg(long = "skip-profile")]
+    pub profile: Option<PathBuf>,
+    /// With --json: each generated token's per-layer decisions (F ran, s skipped, x layer
+    /// removed, e exited).
+    #[arg(long = "skip-trace")]
+    pub trace: bool,
+}
+
+impl SkipArgs {
+    /// The options these flags ask for; `seed` seeds the random baselines (default 0 so
+    /// they are reproducible).
+    pub fn options(&self, seed: Option<u64>) -> SkipOptions {
+        SkipOptions {
+            policy: self.skip,
+            ratio: self.ratio,
+            threshold: self.threshold,
+            warmup: self.warmup,
+            cold_start: self.cold_start,
+            cold_end: self.cold_end,
+            full_every: self.full_every,
+            seed: seed.unwrap_or(0),
+        }
+    }
+
+    /// Resolves the flags against the model and its profile (`--skip-profile`, else the one
+    /// embedded in the GGUF) and tells the user on stderr what will run.
+    pub fn controller(
+        &self,
+        model: &Llama,
+        file: &GgufFile,
+        seed: Option<u64>,
+    ) -> anyhow::Result<SkipController> {
+        let n_layer = model.config.n_layer;
+        let opts = self.options(seed);
+        let params = if opts.policy == Policy::None {
+            SkipParams::none(n_layer)
+        } else {
+            let (profile, from) = match &self.profile {
+                Some(p) => (Some(Profile::load_json(p)?), p.display().to_string()),
+                None => (
+                    Profile::from_gguf(file)?,
+                    format!("{} (embedded)", file.path().display()),
+                ),
+            };
+            let params =
+                SkipParams::resolve(&opts, n_layer, profile.as_ref().map(|p| (p, from.as_str())))?;
+            eprintln!("{}", params.describe());
+            params
+        };
+        let mut c = SkipController::new(params, model.layer_bytes());
+        c.record_decisions(self.trace);
+        Ok(c)
+    }
+}
+
+/// The `"skip"` object of `--json` output.
+pub fn skip_json(c: &SkipController) -> serde_json::Value {
+    let st = &c.stats;
+    let p = c.params();
+    let mut v = serde_json::json!({
+        "policy": p.policy.name(),
+        "target_ratio": p.ratio,
+        "ffn_skip_ratio": st.ratio(),
+        "skipped_ffn": st.skipped_ffn,
+        "eligible_ffn": st.eligible_ffn,
+        "per_layer": st.per_layer,
+        "bytes_skipped": st.bytes_skipped,
+        "bytes_skipped_per_token": st.bytes_skipped_per_token(),
+        "params": {
+            "threshold": if p.threshold.is_finite() { serde_json::json!(p.threshold) } else { serde_json::Value::Null },
+            "k": p.schedule.k,
+            "warmup": p.schedule.warmup,
+            "full_every": p.schedule.full_every,
+            "cold_start": p.cold_start,
+            "cold_end": p.cold_end,
+            "removed_layers": p.removed,
+            "seed": p.seed,
+            "source": p.source,
+        },
+    });
+    if !st.decisions.is_empty() {
+        v["decisions"] = serde_json::json!(st.decisions);
+    }
+    v
 }
 
 /// The model file to use: `-m PATH`, or the default model (fetched on first use).

@@ -1,9 +1,11 @@
 //! The forward pass: one function for batched prefill and single-token decode.
 //!
-//! Per layer l (llama.cpp's names for the points in between):
+//! Per layer l (llama.cpp's names for the points in between), unless the controller removes
+//! the layer (`layer_runs`):
 //!   attn_norm → q/k/v (one parallel region) → RoPE → KV cache → attention → attn_output
-//!   `ffn_inp` h = x + attn          ← the [`FfnHook`] decides per row whether the FFN runs
+//!   `ffn_inp` h = x + attn          ← the [`Controller`] decides per row whether the FFN runs
 //!   ffn_norm → gate/up (one region) → SwiGLU → ffn_down; x' = h + ffn (rows that ran)
+//! Rows the controller reports as exited (`exited`) only write K/V from their frozen state.
 //! Numerics follow llama.cpp's CPU graph: activations quantized to the weight's
 //! `vec_dot_type`, RMS norm summed in f64, f16 KV cache, and attention as llama.cpp computes
 //! it without flash attention (see [`Llama::attention`]).
@@ -16,7 +18,7 @@ use rayon::prelude::*;
 use super::math;
 use super::{KvCache, Llama};
 use crate::ggml::{F16Dot, Kernels};
-use crate::skip::FfnHook;
+use crate::skip::Controller;
 use crate::tensor::{self, act_row_bytes, matmul_group, par_split, Matrix, MAX_SPLITS};
 
 /// Which logits a forward call produces.
@@ -99,6 +101,9 @@ pub struct Scratch {
     /// `ffn_inp` copies of rows whose FFN ran, for observing hooks `[B, n_embd]`.
     saved: Vec<f32>,
     ffn_rows: Vec<usize>,
+    /// Rows that have not exited, and their positions.
+    active: Vec<usize>,
+    act_pos: Vec<usize>,
     rope_cs: Vec<f32>,
     attn: Vec<AttnScratch>,
     logits: Vec<f32>,
@@ -128,6 +133,8 @@ impl Scratch {
             att_hm: vec![0.0; b * c.n_embd],
             saved: vec![0.0; b * c.n_embd],
             ffn_rows: Vec::with_capacity(b),
+            active: Vec::with_capacity(b),
+            act_pos: Vec::with_capacity(b),
             rope_cs: vec![0.0; b * c.rope_dim],
             attn: (0..MAX_SPLITS.min(rayon::current_num_threads().max(1) * 2))
                 .map(|_| AttnScratch {
@@ -208,7 +215,7 @@ impl Llama<'_> {
     /// Runs `batch.tokens` at positions `cache.len ..` through the model, appending their
     /// keys and values to `cache`. Returns the requested logits (`[n_vocab]` for `Last`,
     /// `[batch, n_vocab]` for `All`, empty for `None`).
-    pub fn forward<'s, H: FfnHook>(
+    pub fn forward<'s, H: Controller>(
         &self,
         cache: &mut KvCache,
         s: &'s mut Scratch,
@@ -216,7 +223,7 @@ impl Llama<'_> {
         hook: &mut H,
     ) -> Result<&'s [f32], ForwardError> {
         let c = &self.config;
-        let (d, kv, hd) = (c.n_embd, c.kv_dim(), c.head_dim);
+        let d = c.n_embd;
         let tokens = batch.tokens;
         let b = tokens.len();
         if b == 0 {
@@ -256,120 +263,46 @@ impl Llama<'_> {
                 .angles(p, &mut s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim]);
         }
 
-        for (l, lw) in self.weights.layers.iter().enumerate() {
-            // ---- attention (always runs, so the KV cache stays complete) ----
-            let t0 = Instant::now();
-            for (xr, nr) in s.x[..b * d].chunks_exact(d).zip(s.xn.chunks_exact_mut(d)) {
-                rms_norm(xr, &lw.attn_norm, c.rms_eps, nr);
+        for l in 0..c.n_layer {
+            if !hook.layer_runs(l) {
+                continue;
             }
-            let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
-            let slots = quantize_for(&qkv, &s.xn[..b * d], d, b, &mut s.acts);
-            let group = [
-                (qkv[0], &s.acts[slots[0]][..]),
-                (qkv[1], &s.acts[slots[1]][..]),
-                (qkv[2], &s.acts[slots[2]][..]),
-            ];
-            let mm = &mut s.mm[..(d + 2 * kv) * b];
-            matmul_group(&group, b, mm);
-            tensor::transpose(&mm[..d * b], d, b, &mut s.q[..b * d]);
-            tensor::transpose(&mm[d * b..(d + kv) * b], kv, b, &mut s.k[..b * kv]);
-            tensor::transpose(&mm[(d + kv) * b..], kv, b, &mut s.v[..b * kv]);
+            if hook.observes_layers() {
+                for (i, xr) in s.x[..b * d].chunks_exact(d).enumerate() {
+                    hook.layer_input(l, i, xr);
+                }
+            }
+            // Rows that have not exited (early exit); all rows in the plain model.
+            s.active.clear();
+            s.act_pos.clear();
             for i in 0..b {
-                let cs = &s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim];
-                self.rope.apply(&mut s.q[i * d..(i + 1) * d], hd, cs);
-                self.rope.apply(&mut s.k[i * kv..(i + 1) * kv], hd, cs);
-                cache.store(
-                    l,
-                    pos0 + i,
-                    &s.k[i * kv..(i + 1) * kv],
-                    &s.v[i * kv..(i + 1) * kv],
-                );
-            }
-            self.attention(
-                l,
-                cache,
-                &s.positions,
-                &s.q[..b * d],
-                &mut s.att_hm[..b * d],
-                &mut s.attn,
-            );
-            // [n_head, B, head_dim] → [B, n_head * head_dim]
-            for (h, block) in s.att_hm[..b * d].chunks_exact(b * hd).enumerate() {
-                for (i, src) in block.chunks_exact(hd).enumerate() {
-                    s.att[i * d + h * hd..i * d + (h + 1) * hd].copy_from_slice(src);
+                if !hook.exited(l, i) {
+                    s.active.push(i);
+                    s.act_pos.push(s.positions[i]);
                 }
             }
-            let slots = quantize_for(&[&lw.attn_output], &s.att[..b * d], d, b, &mut s.acts);
-            let mm = &mut s.mm[..d * b];
-            matmul_group(&[(&lw.attn_output, &s.acts[slots[0]][..])], b, mm);
-            for (i, xr) in s.x[..b * d].chunks_exact_mut(d).enumerate() {
-                for (j, xv) in xr.iter_mut().enumerate() {
-                    *xv += mm[j * b + i];
-                }
-            }
+            let t0 = Instant::now();
+            self.attention_block(l, cache, s);
             let t1 = Instant::now();
             s.times.attention += t1 - t0;
+            if s.active.is_empty() {
+                continue;
+            }
 
-            // ---- ffn_inp: the hook decides per row ----
+            // ---- ffn_inp: the controller decides per row ----
             s.ffn_rows.clear();
-            for (i, xr) in s.x[..b * d].chunks_exact(d).enumerate() {
-                if hook.run_ffn(l, i, xr) {
+            for &i in &s.active {
+                if hook.run_ffn(l, i, &s.x[i * d..(i + 1) * d]) {
                     s.ffn_rows.push(i);
                 }
             }
-            let r = s.ffn_rows.len();
-            if r == 0 {
+            if s.ffn_rows.is_empty() {
                 continue;
             }
-            let observe = hook.observes();
-            for (j, &i) in s.ffn_rows.iter().enumerate() {
-                let xr = &s.x[i * d..(i + 1) * d];
-                rms_norm(xr, &lw.ffn_norm, c.rms_eps, &mut s.xn[j * d..(j + 1) * d]);
-                if observe {
-                    s.saved[j * d..(j + 1) * d].copy_from_slice(xr);
-                }
-            }
-            let ff = c.n_ff;
-            let slots = quantize_for(
-                &[&lw.ffn_gate, &lw.ffn_up],
-                &s.xn[..r * d],
-                d,
-                r,
-                &mut s.acts,
-            );
-            let mm = &mut s.mm[..2 * ff * r];
-            matmul_group(
-                &[
-                    (&lw.ffn_gate, &s.acts[slots[0]][..]),
-                    (&lw.ffn_up, &s.acts[slots[1]][..]),
-                ],
-                r,
-                mm,
-            );
-            // SwiGLU: silu(gate) * up, then [n_ff, r] → [r, n_ff].
-            let (gate, up) = mm.split_at_mut(ff * r);
-            if r > 4 {
-                gate.par_chunks_mut(ff)
-                    .zip(up.par_chunks(ff))
-                    .for_each(|(g, u)| math::swiglu(g, u));
-            } else {
-                math::swiglu(gate, up);
-            }
-            tensor::transpose(gate, ff, r, &mut s.xn[..r * ff]);
-            let slots = quantize_for(&[&lw.ffn_down], &s.xn[..r * ff], ff, r, &mut s.acts);
-            let mm = &mut s.mm[..d * r];
-            matmul_group(&[(&lw.ffn_down, &s.acts[slots[0]][..])], r, mm);
-            for (j, &i) in s.ffn_rows.iter().enumerate() {
-                let xr = &mut s.x[i * d..(i + 1) * d];
-                for (k, xv) in xr.iter_mut().enumerate() {
-                    *xv += mm[k * r + j];
-                }
-                if observe {
-                    hook.after_ffn(l, i, &s.saved[j * d..(j + 1) * d], xr);
-                }
-            }
+            self.ffn_block(l, s, hook);
             s.times.ffn += t1.elapsed();
         }
+        hook.end();
         cache.len = pos0 + b;
 
         // ---- head ----
@@ -406,6 +339,146 @@ impl Llama<'_> {
         };
         s.times.head += t0.elapsed();
         Ok(logits)
+    }
+
+    /// Attention half of layer `l` for the rows of `s.positions`: `attn_norm`, q/k/v in one
+    /// parallel region, RoPE, K/V into the cache for every row, then attention, `attn_output`
+    /// and the residual add for the rows in `s.active` only (exited rows keep their state).
+    fn attention_block(&self, l: usize, cache: &mut KvCache, s: &mut Scratch) {
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let (d, kv, hd) = (c.n_embd, c.kv_dim(), c.head_dim);
+        let b = s.positions.len();
+        let na = s.active.len();
+        for (xr, nr) in s.x[..b * d].chunks_exact(d).zip(s.xn.chunks_exact_mut(d)) {
+            rms_norm(xr, &lw.attn_norm, c.rms_eps, nr);
+        }
+        if na > 0 {
+            let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
+            let slots = quantize_for(&qkv, &s.xn[..b * d], d, b, &mut s.acts);
+            let group = [
+                (qkv[0], &s.acts[slots[0]][..]),
+                (qkv[1], &s.acts[slots[1]][..]),
+                (qkv[2], &s.acts[slots[2]][..]),
+            ];
+            let mm = &mut s.mm[..(d + 2 * kv) * b];
+            matmul_group(&group, b, mm);
+            tensor::transpose(&mm[..d * b], d, b, &mut s.q[..b * d]);
+            tensor::transpose(&mm[d * b..(d + kv) * b], kv, b, &mut s.k[..b * kv]);
+            tensor::transpose(&mm[(d + kv) * b..], kv, b, &mut s.v[..b * kv]);
+        } else {
+            // Every row has exited: only the K/V of their frozen states.
+            let kvw = [&lw.attn_k, &lw.attn_v];
+            let slots = quantize_for(&kvw, &s.xn[..b * d], d, b, &mut s.acts);
+            let group = [
+                (kvw[0], &s.acts[slots[0]][..]),
+                (kvw[1], &s.acts[slots[1]][..]),
+            ];
+            let mm = &mut s.mm[..2 * kv * b];
+            matmul_group(&group, b, mm);
+            tensor::transpose(&mm[..kv * b], kv, b, &mut s.k[..b * kv]);
+            tensor::transpose(&mm[kv * b..], kv, b, &mut s.v[..b * kv]);
+        }
+        let pos0 = s.positions[0];
+        for i in 0..b {
+            let cs = &s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim];
+            self.rope.apply(&mut s.k[i * kv..(i + 1) * kv], hd, cs);
+            cache.store(
+                l,
+                pos0 + i,
+                &s.k[i * kv..(i + 1) * kv],
+                &s.v[i * kv..(i + 1) * kv],
+            );
+        }
+        if na == 0 {
+            return;
+        }
+        // Active rows' q, RoPE'd and packed to the front: `[na, n_embd]`.
+        for (j, &i) in s.active.iter().enumerate() {
+            let cs = &s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim];
+            self.rope.apply(&mut s.q[i * d..(i + 1) * d], hd, cs);
+            if i != j {
+                s.q.copy_within(i * d..(i + 1) * d, j * d);
+            }
+        }
+        self.attention(
+            l,
+            cache,
+            &s.act_pos,
+            &s.q[..na * d],
+            &mut s.att_hm[..na * d],
+            &mut s.attn,
+        );
+        // [n_head, na, head_dim] → [na, n_head * head_dim]
+        for (h, block) in s.att_hm[..na * d].chunks_exact(na * hd).enumerate() {
+            for (j, src) in block.chunks_exact(hd).enumerate() {
+                s.att[j * d + h * hd..j * d + (h + 1) * hd].copy_from_slice(src);
+            }
+        }
+        let slots = quantize_for(&[&lw.attn_output], &s.att[..na * d], d, na, &mut s.acts);
+        let mm = &mut s.mm[..d * na];
+        matmul_group(&[(&lw.attn_output, &s.acts[slots[0]][..])], na, mm);
+        for (j, &i) in s.active.iter().enumerate() {
+            for (k, xv) in s.x[i * d..(i + 1) * d].iter_mut().enumerate() {
+                *xv += mm[k * na + j];
+            }
+        }
+    }
+
+    /// FFN half of layer `l` for the rows in `s.ffn_rows`: `ffn_norm`, gate/up in one
+    /// parallel region, SwiGLU, `ffn_down`, residual add; the controller observes
+    /// cos(h, h + ffn) per row if it asks to.
+    fn ffn_block<H: Controller>(&self, l: usize, s: &mut Scratch, hook: &mut H) {
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let (d, ff) = (c.n_embd, c.n_ff);
+        let r = s.ffn_rows.len();
+        let observe = hook.observes_ffn();
+        for (j, &i) in s.ffn_rows.iter().enumerate() {
+            let xr = &s.x[i * d..(i + 1) * d];
+            rms_norm(xr, &lw.ffn_norm, c.rms_eps, &mut s.xn[j * d..(j + 1) * d]);
+            if observe {
+                s.saved[j * d..(j + 1) * d].copy_from_slice(xr);
+            }
+        }
+        let slots = quantize_for(
+            &[&lw.ffn_gate, &lw.ffn_up],
+            &s.xn[..r * d],
+            d,
+            r,
+            &mut s.acts,
+        );
+        let mm = &mut s.mm[..2 * ff * r];
+        matmul_group(
+            &[
+                (&lw.ffn_gate, &s.acts[slots[0]][..]),
+                (&lw.ffn_up, &s.acts[slots[1]][..]),
+            ],
+            r,
+            mm,
+        );
+        // SwiGLU: silu(gate) * up, then [n_ff, r] → [r, n_ff].
+        let (gate, up) = mm.split_at_mut(ff * r);
+        if r > 4 {
+            gate.par_chunks_mut(ff)
+                .zip(up.par_chunks(ff))
+                .for_each(|(g, u)| math::swiglu(g, u));
+        } else {
+            math::swiglu(gate, up);
+        }
+        tensor::transpose(gate, ff, r, &mut s.xn[..r * ff]);
+        let slots = quantize_for(&[&lw.ffn_down], &s.xn[..r * ff], ff, r, &mut s.acts);
+        let mm = &mut s.mm[..d * r];
+        matmul_group(&[(&lw.ffn_down, &s.acts[slots[0]][..])], r, mm);
+        for (j, &i) in s.ffn_rows.iter().enumerate() {
+            let xr = &mut s.x[i * d..(i + 1) * d];
+            for (k, xv) in xr.iter_mut().enumerate() {
+                *xv += mm[k * r + j];
+            }
+            if observe {
+                hook.after_ffn(l, i, &s.saved[j * d..(j + 1) * d], xr);
+            }
+        }
     }
 
     /// Causal attention of `q` (`[B, n_embd]`, rows at ascending `positions`) over the cache

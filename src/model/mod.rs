@@ -44,6 +44,19 @@ impl<'a> Llama<'a> {
         KvCache::new(c.n_layer, c.n_head_kv, c.head_dim, n_ctx)
     }
 
+    /// Weight bytes per layer, for the skip statistics.
+    pub fn layer_bytes(&self) -> crate::skip::LayerBytes {
+        let ls = &self.weights.layers;
+        crate::skip::LayerBytes {
+            ffn: ls.iter().map(|l| l.ffn_bytes() as u64).collect(),
+            attn: ls.iter().map(|l| l.attn_bytes() as u64).collect(),
+            attn_qo: ls
+                .iter()
+                .map(|l| (l.attn_q.n_bytes() + l.attn_output.n_bytes()) as u64)
+                .collect(),
+        }
+    }
+
     /// Weight bytes read to decode one token with every block running
     /// (embedding row excluded: one row is negligible).
     pub fn bytes_per_token(&self) -> usize {

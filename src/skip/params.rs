@@ -1,0 +1,277 @@
+//! Policies and their parameters: what the user asked for ([`SkipOptions`]) resolved against
+//! the model and its calibration profile into what the controller runs ([`SkipParams`]).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Profile, Schedule};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Every FFN runs (the full model).
+    None,
+    /// FFN-SkipLLM: after a layer whose cos(h, h+ffn) reaches the threshold, skip the next k
+    /// FFN blocks (non-cold region, after warm-up).
+    Adaptive,
+    /// k FFN blocks per token chosen uniformly at random among all layers.
+    Random,
+    /// The paper's non-adaptive baseline: a random contiguous block of k FFN blocks inside
+    /// the non-cold region.
+    Static,
+    /// ShortGPT: the layers with the lowest Block Influence removed entirely.
+    Shortgpt,
+    /// SkipDecode/CALM-style early exit after layer n_layer − k, later layers' K/V from the
+    /// exited state.
+    EarlyExit,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::None => "none",
+            Policy::Adaptive => "adaptive",
+            Policy::Random => "random",
+            Policy::Static => "static",
+            Policy::Shortgpt => "shortgpt",
+            Policy::EarlyExit => "early-exit",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Policy> {
+        [
+            Policy::None,
+            Policy::Adaptive,
+            Policy::Random,
+            Policy::Static,
+            Policy::Shortgpt,
+            Policy::EarlyExit,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
+    }
+}
+
+/// What the user asked for; `None` fields are filled from the profile or the defaults.
+#[derive(Clone, Debug)]
+pub struct SkipOptions {
+    pub policy: Policy,
+    /// Target share of FFN blocks skipped per generated token.
+    pub ratio: Option<f64>,
+    pub threshold: Option<f32>,
+    pub warmup: Option<usize>,
+    pub cold_start: Option<usize>,
+    pub cold_end: Option<usize>,
+    pub full_every: Option<usize>,
+    pub seed: u64,
+}
+
+impl SkipOptions {
+    pub fn none() -> Self {
+        SkipOptions::new(Policy::None)
+    }
+
+    pub fn new(policy: Policy) -> Self {
+        SkipOptions {
+            policy,
+            ratio: None,
+            threshold: None,
+            warmup: None,
+            cold_start: None,
+            cold_end: None,
+            full_every: None,
+            seed: 0,
+        }
+    }
+}
+
+/// Default target ratio when `--skip-ratio` is not given.
+pub const DEFAULT_RATIO: f64 = 0.25;
+/// The authors' cosine threshold (`model_ffn_cosine.py`).
+pub const DEFAULT_THRESHOLD: f32 = 0.95;
+/// Generated tokens run in full: the authors' `max_seq_len // 64` at their 512-token length.
+pub const DEFAULT_WARMUP: usize = 8;
+
+/// What the controller runs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SkipParams {
+    pub policy: Policy,
+    pub n_layer: usize,
+    /// Target ratio (0 for `none`).
+    pub ratio: f64,
+    pub threshold: f32,
+    pub cold_start: usize,
+    pub cold_end: usize,
+    pub schedule: Schedule,
+    /// ShortGPT's removed layers, ascending.
+    pub removed: Vec<usize>,
+    pub seed: u64,
+    /// Where the parameters came from, for the user.
+    pub source: String,
+}
+
+impl SkipParams {
+    /// The full model.
+    pub fn none(n_layer: usize) -> Self {
+        SkipParams {
+            policy: Policy::None,
+            n_layer,
+            ratio: 0.0,
+            threshold: f32::INFINITY,
+            cold_start: 0,
+            cold_end: 0,
+            schedule: Schedule {
+                warmup: 0,
+                k: 0.0,
+                full_every: 0,
+            },
+            removed: Vec::new(),
+            seed: 0,
+            source: "full model".into(),
+        }
+    }
+
+    /// Resolves `opts` for a model of `n_layer` layers with an optional calibration profile
+    /// (`profile_from` names where it came from). Explicit options win over the profile,
+    /// which wins over the paper's defaults.
+    pub fn resolve(
+        opts: &SkipOptions,
+        n_layer: usize,
+        profile: Option<(&Profile, &str)>,
+    ) -> anyhow::Result<SkipParams> {
+        if opts.policy == Policy::None {
+            return Ok(SkipParams::none(n_layer));
+        }
+        let ratio = opts.ratio.unwrap_or(DEFAULT_RATIO);
+        anyhow::ensure!(
+            ratio.is_finite() && (0.0..=1.0).contains(&ratio),
+            "--skip-ratio {ratio} is out of range (expected 0..1)"
+        );
+        if let Some((p, from)) = profile {
+            anyhow::ensure!(
+                p.n_layer == n_layer,
+                "the skip profile from {from} is for {} layers but the model has {n_layer}",
+                p.n_layer
+            );
+        }
+        if let Some(t) = opts.threshold {
+            anyhow::ensure!(!t.is_nan(), "--threshold is NaN");
+        }
+        // Cold regions: the authors keep 5 + 5 of 32/40 layers; scaled to this depth.
+        let paper_cold = ((5.0 * n_layer as f64 / 32.0).round() as usize).max(1);
+        let (mut cold_start, mut cold_end) = match profile {
+            Some((p, _)) => (p.cold_start, p.cold_end),
+            None => (paper_cold.min(n_layer / 2), paper_cold.min(n_layer / 2)),
+        };
+        cold_start = opts.cold_start.unwrap_or(cold_start);
+        cold_end = opts.cold_end.unwrap_or(cold_end);
+        anyhow::ensure!(
+            cold_start + cold_end <= n_layer,
+            "--cold-start {cold_start} + --cold-end {cold_end} exceed the model's {n_layer} layers"
+        );
+        let warmup = opts.warmup.unwrap_or(DEFAULT_WARMUP);
+        let full_every = opts
+            .full_every
+            .or(profile.map(|(p, _)| p.full_every))
+            .unwrap_or(0);
+        anyhow::ensure!(
+            full_every != 1,
+            "--full-every 1 would run every token in full (use 0 for never, or ≥ 2)"
+        );
+        let mut schedule = Schedule::for_ratio(ratio, n_layer, warmup, full_every);
+        let mut threshold = DEFAULT_THRESHOLD;
+        let mut removed = Vec::new();
+        let source;
+        match (opts.policy, profile) {
+            (Policy::Adaptive, Some((p, from))) => match p.nearest(ratio) {
+                Some(s) if s.ratio > 0.0 => {
+                    threshold = s.threshold;
+                    // The suggestion's budget realizes its ratio; scale to the target.
+                    schedule.k = (s.k * ratio / s.ratio).min(n_layer as f64);
+                    source = format!(
+                        "calibration profile from {from} ({} tokens; nearest suggestion at {:.0}%)",
+                        p.tokens,
+                        s.ratio * 100.0
+                    );
+                }
+                _ => {
+                    source = format!(
+                        "calibration profile from {from} (cold regions only; threshold and k from the paper's defaults)"
+                    )
+                }
+            },
+            (Policy::Shortgpt, Some((p, from))) => {
+                let n = (ratio * n_layer as f64).round() as usize;
+                let mut order: Vec<usize> = (0..n_layer).collect();
+                order.sort_by(|&a, &b| {
+                    p.block_influence[a]
+                        .total_cmp(&p.block_influence[b])
+                        .then(a.cmp(&b))
+                });
+                removed = order[..n.min(n_layer)].to_vec();
+                removed.sort_unstable();
+                source = format!(
+                    "Block Influence from the calibration profile in {from} ({} tokens)",
+                    p.tokens
+                );
+            }
+            (Policy::Shortgpt, None) => anyhow::bail!(
+                "--skip shortgpt ranks layers by Block Influence and needs a calibration profile: \
+                 run `ffnskip calibrate -m MODEL` and pass --skip-profile PROFILE.json (or embed it with --embed)"
+            ),
+            (_, Some((p, from))) => {
+                source = format!("cold regions from the calibration profile in {from} ({} tokens)", p.tokens)
+            }
+            (_, None) => {
+                source = format!(
+                    "paper defaults: cold regions {cold_start}+{cold_end} (5+5 of 32 layers scaled to {n_layer}), threshold {DEFAULT_THRESHOLD}, k from the ratio"
+                )
+            }
+        }
+        if let Some(t) = opts.threshold {
+            threshold = t;
+        }
+        Ok(SkipParams {
+            policy: opts.policy,
+            n_layer,
+            ratio,
+            threshold,
+            cold_start,
+            cold_end,
+            schedule,
+            removed,
+            seed: opts.seed,
+            source,
+        })
+    }
+
+    /// One line for the user: the policy and its parameters.
+    pub fn describe(&self) -> String {
+        let s = &self.schedule;
+        let base = format!(
+            "skip: {} at target {:.0}%",
+            self.policy.name(),
+            self.ratio * 100.0
+        );
+        match self.policy {
+            Policy::None => "skip: none (full model)".into(),
+            Policy::Shortgpt => format!(
+                "{base}: layers {:?} removed — {}",
+                self.removed, self.source
+            ),
+            Policy::Adaptive => format!(
+                "{base}: threshold {}, k {:.2}/token, cold {}+{}, warm-up {}, full every {} — {}",
+                self.threshold,
+                s.k,
+                self.cold_start,
+                self.cold_end,
+                s.warmup,
+                s.full_every,
+                self.source
+            ),
+            _ => format!(
+                "{base}: k {:.2}/token, cold {}+{}, warm-up {}, seed {} — {}",
+                s.k, self.cold_start, self.cold_end, s.warmup, self.seed, self.source
+            ),
+        }
+    }
+}
