@@ -10,6 +10,7 @@ pub mod convert;
 pub mod fetch;
 pub mod ggml;
 pub mod gguf;
+pub mod measure;
 pub mod model;
 pub mod peer;
 pub mod sampling;

@@ -101,6 +101,11 @@ impl<'m, H: Controller> Session<'m, H> {
         &self.history
     }
 
+    /// The KV cache (read-only).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
     pub fn kv_cache_bytes(&self) -> usize {
         self.cache.bytes()
     }

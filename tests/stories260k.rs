@@ -8,6 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::{temp_path, TempFile};
 use ffnskip::convert::convert_llama2c;
 use ffnskip::gguf::GgufFile;
 use ffnskip::model::{Batch, Llama, Logits, Scratch};
@@ -21,20 +22,6 @@ const N_CTX: usize = 512;
 const GOLDEN_STORY: &str =
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, r";
 
-fn temp_path(name: &str) -> PathBuf {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("ffnskip-s260k-{}-{n}-{name}", std::process::id()))
-}
-
-/// Deletes the file when dropped.
-struct TempFile(PathBuf);
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn tiny(shared: &Path) -> (PathBuf, PathBuf) {
     let dir = shared.join("models/tinyllamas");
     (dir.join("stories260K.bin"), dir.join("tok512.bin"))
@@ -42,7 +29,7 @@ fn tiny(shared: &Path) -> (PathBuf, PathBuf) {
 
 fn converted(shared: &Path) -> TempFile {
     let (ckpt, tok) = tiny(shared);
-    let out = TempFile(temp_path("stories260K.gguf"));
+    let out = TempFile(temp_path("s260k", "stories260K.gguf"));
     convert_llama2c(&ckpt, &tok, &out.0).expect("convert stories260K");
     out
 }
@@ -387,9 +374,9 @@ fn greedy_story_matches_golden_and_llama_cpp() {
 
 /// Writes `bytes` to a temp file and converts it with tok512.bin; returns the error text.
 fn convert_error(shared: &Path, name: &str, bytes: &[u8], tokenizer: Option<&Path>) -> String {
-    let ckpt = TempFile(temp_path(name));
+    let ckpt = TempFile(temp_path("s260k", name));
     std::fs::write(&ckpt.0, bytes).unwrap();
-    let out = TempFile(temp_path("out.gguf"));
+    let out = TempFile(temp_path("s260k", "out.gguf"));
     let default_tok = tiny(shared).1;
     let err = convert_llama2c(&ckpt.0, tokenizer.unwrap_or(&default_tok), &out.0)
         .expect_err("conversion must fail");
@@ -473,7 +460,7 @@ fn malformed_checkpoints_are_clear_errors() {
     let e = convert_error(&shared, "ok.bin", &good, Some(&big_tok));
     assert!(e.contains("tokenizer.bin: llama2.c tokenizer has more than the checkpoint's vocab_size = 512 tokens"), "{e}");
     let tok_bytes = std::fs::read(&tok).unwrap();
-    let cut = TempFile(temp_path("tok-cut.bin"));
+    let cut = TempFile(temp_path("s260k", "tok-cut.bin"));
     std::fs::write(&cut.0, &tok_bytes[..tok_bytes.len() - 2]).unwrap();
     let e = convert_error(&shared, "ok2.bin", &good, Some(&cut.0));
     assert!(
@@ -482,7 +469,7 @@ fn malformed_checkpoints_are_clear_errors() {
         ),
         "{e}"
     );
-    let missing = temp_path("does-not-exist.bin");
+    let missing = temp_path("s260k", "does-not-exist.bin");
     let e = convert_error(&shared, "ok3.bin", &good, Some(&missing));
     assert!(
         e.contains("does-not-exist.bin: cannot read llama2.c tokenizer"),
@@ -495,7 +482,7 @@ fn vocab_only_gguf_loads_in_llama_cpp() {
     let Some(shared) = common::shared("stories260k vocab only") else {
         return;
     };
-    let out = TempFile(temp_path("tok512-vocab.gguf"));
+    let out = TempFile(temp_path("s260k", "tok512-vocab.gguf"));
     ffnskip::convert::vocab_only_gguf(&tiny(&shared).1, &out.0).unwrap();
     let peer = LlamaCpp::load_vocab(&out.0).expect("llama.cpp loads the vocab-only GGUF");
     let file = GgufFile::open(&out.0).unwrap();

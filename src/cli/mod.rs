@@ -1,5 +1,6 @@
 //! Command line: one file per subcommand. Flags follow llama.cpp's habits.
 
+mod calibrate;
 mod chat;
 mod convert;
 mod generate;
@@ -38,6 +39,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Print the token ids of a text as JSON.
     Tokenize(tokenize::TokenizeArgs),
+    /// Measure the per-layer FFN similarity profile on calibration text (JSON, SVG, PNG) and
+    /// suggest skip settings; optionally embed it in a copy of the model.
+    Calibrate(calibrate::CalibrateArgs),
     /// Convert a llama2.c checkpoint and tokenizer into a GGUF file.
     #[command(name = "convert-llama2c")]
     ConvertLlama2c(convert::ConvertArgs),
@@ -273,6 +277,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::ConvertLlama2c(a) => convert::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

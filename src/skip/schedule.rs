@@ -26,6 +26,8 @@ impl Schedule {
         if full_every > 1 {
             k *= full_every as f64 / (full_every - 1) as f64;
         }
+        // Rounded to 1e-9 so that e.g. 0.2 × 30 is exactly 6 blocks, not 6 + 1 ulp.
+        let k = (k * 1e9).round() / 1e9;
         Schedule {
             warmup,
             k: k.min(n_layer as f64),

@@ -20,6 +20,22 @@ pub fn shared(test: &str) -> Option<PathBuf> {
     }
 }
 
+/// A fresh path in the temp directory, unique per process and call.
+pub fn temp_path(tag: &str, name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("ffnskip-{tag}-{}-{n}-{name}", std::process::id()))
+}
+
+/// Deletes the file when dropped.
+pub struct TempFile(pub PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)

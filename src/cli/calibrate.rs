@@ -1,0 +1,179 @@
+//! `ffnskip calibrate`: measure a model's per-layer similarity profile on calibration text,
+//! write it as JSON and as SVG/PNG plots, and optionally embed it in a copy of the GGUF.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{model_path, open_gguf, ModelArgs};
+use crate::measure::calibrate::calibrate;
+use crate::measure::plot::{draw_svg_png, ProfileChart};
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Calibration text file (default: wikitext-2 test from ../shared/data).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Tokens of the text to run.
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    /// Profile JSON to write (default: MODEL-STEM.ffnskip-profile.json in the current
+    /// directory); the plots go beside it as .svg and .png.
+    #[arg(short = 'o', long = "out")]
+    pub out: Option<PathBuf>,
+    /// Also write a copy of the model with the profile embedded as `ffnskip.*` keys.
+    #[arg(long)]
+    pub embed: Option<PathBuf>,
+    /// Every N-th token runs in full in the simulated schedule (0 = never).
+    #[arg(long = "full-every", default_value_t = 0)]
+    pub full_every: usize,
+    /// Print the profile JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.tokens >= 2,
+        "--tokens {} is too few (expected ≥ 2)",
+        a.tokens
+    );
+    anyhow::ensure!(
+        a.full_every != 1,
+        "--full-every 1 would never skip (use 0 or ≥ 2)"
+    );
+    let text_path = match &a.text {
+        Some(p) => p.clone(),
+        None => crate::measure::wikitext_test().context(
+            "no calibration text: ../shared/data/wikitext-2 is not here; pass --text FILE",
+        )?,
+    };
+    let path = model_path(&a.model.model)?;
+    let (file, _) = open_gguf(&path)?;
+    let model = Llama::load(&file)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let text = std::fs::read_to_string(&text_path)
+        .with_context(|| format!("cannot read calibration text {}", text_path.display()))?;
+    // Tokenize a prefix generous enough for `tokens` (≈ 4 characters per token).
+    let mut end = text.len().min(a.tokens.saturating_mul(8).max(4096));
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut ids = tokenizer.encode(&text[..end], true, false);
+    ids.truncate(a.tokens.min(model.config.n_ctx_train));
+    anyhow::ensure!(
+        ids.len() >= 2,
+        "{}: the calibration text gave {} tokens (need ≥ 2)",
+        text_path.display(),
+        ids.len()
+    );
+    let source = format!(
+        "{} (first {} tokens)",
+        text_path.file_name().map_or_else(
+            || text_path.display().to_string(),
+            |n| n.to_string_lossy().into_owned()
+        ),
+        ids.len()
+    );
+    eprintln!(
+        "calibrating {} on {source} with {} threads…",
+        path.display(),
+        a.model.threads()
+    );
+    let t0 = std::time::Instant::now();
+    let (profile, _) = calibrate(&model, &ids, a.model.threads(), &source, a.full_every)?;
+    eprintln!("measured in {:.1} s", t0.elapsed().as_secs_f64());
+
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{stem}.ffnskip-profile.json")));
+    profile.save_json(&out)?;
+    let title = format!("{stem}: FFN similarity profile ({} tokens)", profile.tokens);
+    let (svg, png) = draw_svg_png(
+        &ProfileChart {
+            profile: &profile,
+            title,
+        },
+        &out.with_extension(""),
+        (900, 700),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&profile)?);
+    } else {
+        print!("{}", table(&profile));
+    }
+    eprintln!(
+        "wrote {}, {}, {}",
+        out.display(),
+        svg.display(),
+        png.display()
+    );
+    if let Some(dst) = &a.embed {
+        anyhow::ensure!(
+            dst.canonicalize().ok() != path.canonicalize().ok() || !dst.exists(),
+            "--embed {} would overwrite the model being read; choose another path",
+            dst.display()
+        );
+        profile.embed(&file, dst)?;
+        eprintln!(
+            "wrote {} (the model with its profile; `generate --skip adaptive` uses it)",
+            dst.display()
+        );
+    }
+    Ok(())
+}
+
+/// The profile as a human-readable table.
+pub fn table(p: &crate::skip::Profile) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "layer  cos(h,h+ffn) mean   p10    p50    p90  ≥0.95   block influence"
+    );
+    for l in 0..p.n_layer {
+        let f = &p.ffn_cos[l];
+        let cold = if l < p.cold_start || l >= p.n_layer - p.cold_end {
+            "  cold"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "{l:>5}  {:>17.4} {:>6.3} {:>6.3} {:>6.3} {:>5.0}%   {:>8.4}{cold}",
+            f.mean,
+            f.p10,
+            f.p50,
+            f.p90,
+            f.frac_ge_095 * 100.0,
+            p.block_influence[l]
+        );
+    }
+    let _ = writeln!(
+        s,
+        "cold regions: first {} and last {} layers",
+        p.cold_start, p.cold_end
+    );
+    let _ = writeln!(s, "suggestions (adaptive):");
+    for g in &p.suggestions {
+        let _ = writeln!(
+            s,
+            "  target {:>3.0}%: threshold {:.2}, k {:.2}/token → simulated {:.1}%, damage Σ(1−cos) {:.3}/token",
+            g.ratio * 100.0,
+            g.threshold,
+            g.k,
+            g.simulated_ratio * 100.0,
+            g.simulated_damage
+        );
+    }
+    s
+}

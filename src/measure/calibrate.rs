@@ -1,0 +1,302 @@
+//! Calibration (paper §3, Fig. 2): run the full model over calibration text, record per token
+//! and layer cos(h, h + ffn) and cos(layer input, layer output), summarise them per layer,
+//! find the cold regions and choose (threshold, k) per target ratio by simulating the adaptive
+//! policy on the recorded similarities.
+
+use crate::model::Llama;
+use crate::session::{Session, SessionConfig};
+use crate::skip::{cosine, Controller, LayerStat, Profile, Schedule, Suggestion, PROFILE_VERSION};
+
+/// Target ratios the profile carries suggestions for (the 10/20/25/30/35%).
+pub const TARGET_RATIOS: [f64; 5] = [0.10, 0.20, 0.25, 0.30, 0.35];
+
+/// Records both cosines for every row of every forward call (full model).
+pub struct Recorder {
+    n_layer: usize,
+    /// Rows recorded before the current call.
+    base: usize,
+    /// `[tokens, n_layer]` cos(h, h + ffn).
+    pub ffn: Vec<f32>,
+    /// `[tokens, n_layer]` cos(layer input, layer output).
+    pub layer: Vec<f32>,
+    /// Layer inputs of the current call's rows, `[rows, n_embd]`.
+    inputs: Vec<f32>,
+}
+
+impl Recorder {
+    pub fn new(n_layer: usize) -> Self {
+        Recorder {
+            n_layer,
+            base: 0,
+            ffn: Vec::new(),
+            layer: Vec::new(),
+            inputs: Vec::new(),
+        }
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.ffn.len() / self.n_layer
+    }
+}
+
+impl Controller for Recorder {
+    fn begin(&mut self, positions: &[usize], _prompt: bool) {
+        self.base = self.tokens();
+        let n = (self.base + positions.len()) * self.n_layer;
+        self.ffn.resize(n, f32::NAN);
+        self.layer.resize(n, f32::NAN);
+    }
+
+    fn observes_ffn(&self) -> bool {
+        true
+    }
+
+    fn observes_layers(&self) -> bool {
+        true
+    }
+
+    fn layer_input(&mut self, _layer: usize, row: usize, x: &[f32]) {
+        let d = x.len();
+        if self.inputs.len() < (row + 1) * d {
+            self.inputs.resize((row + 1) * d, 0.0);
+        }
+        self.inputs[row * d..(row + 1) * d].copy_from_slice(x);
+    }
+
+    fn after_ffn(&mut self, layer: usize, row: usize, before: &[f32], after: &[f32]) {
+        let d = after.len();
+        let i = (self.base + row) * self.n_layer + layer;
+        self.ffn[i] = cosine(before, after);
+        self.layer[i] = cosine(&self.inputs[row * d..(row + 1) * d], after);
+    }
+}
+
+/// Per-layer statistics of a `[tokens, n_layer]` matrix.
+pub fn layer_stats(m: &[f32], n_layer: usize) -> Vec<LayerStat> {
+    let tokens = m.len() / n_layer;
+    (0..n_layer)
+        .map(|l| {
+            let mut v: Vec<f32> = (0..tokens).map(|t| m[t * n_layer + l]).collect();
+            v.sort_by(f32::total_cmp);
+            let q = |p: f64| -> f32 {
+                if v.is_empty() {
+                    return f32::NAN;
+                }
+                v[((v.len() - 1) as f64 * p).round() as usize]
+            };
+            let n = v.len().max(1) as f64;
+            LayerStat {
+                mean: (v.iter().map(|&x| f64::from(x)).sum::<f64>() / n) as f32,
+                p10: q(0.10),
+                p50: q(0.50),
+                p90: q(0.90),
+                frac_ge_095: (v.iter().filter(|&&x| x >= 0.95).count() as f64 / n) as f32,
+            }
+        })
+        .collect()
+}
+
+/// Cold regions from the mean FFN cosine per layer: the leading and trailing runs of layers
+/// that sit clearly below the profile's plateau (median − max(0.02, 4 × MAD)), i.e. where the
+/// similarity is still rising at the start or falls at the end (paper Fig. 2).
+pub fn cold_regions(mean: &[f32]) -> (usize, usize) {
+    let n = mean.len();
+    let mut s: Vec<f32> = mean.to_vec();
+    s.sort_by(f32::total_cmp);
+    let med = s[n / 2];
+    let mut dev: Vec<f32> = mean.iter().map(|&x| (x - med).abs()).collect();
+    dev.sort_by(f32::total_cmp);
+    let mad = dev[n / 2];
+    let floor = med - (4.0 * mad).max(0.02);
+    let start = mean.iter().take_while(|&&x| x < floor).count();
+    let end = mean[start..]
+        .iter()
+        .rev()
+        .take_while(|&&x| x < floor)
+        .count();
+    (start, end)
+}
+
+/// Simulates FFN-SkipLLM on recorded full-model similarities `ffn` (`[tokens, n_layer]`):
+/// returns (realized ratio, mean Σ(1 − cos) over skipped blocks per token). Later layers'
+/// similarities would change after a skip; the simulation uses the full model's, which is
+/// what makes it a calibration estimate rather than a measurement.
+pub fn simulate(
+    ffn: &[f32],
+    n_layer: usize,
+    cold: (usize, usize),
+    threshold: f32,
+    schedule: &Schedule,
+) -> (f64, f64) {
+    let tokens = ffn.len() / n_layer;
+    let (lo, hi) = (cold.0, n_layer - cold.1);
+    let (mut skipped, mut damage) = (0usize, 0f64);
+    for t in 0..tokens {
+        let row = &ffn[t * n_layer..(t + 1) * n_layer];
+        let budget = schedule.budget(t);
+        if budget == 0 {
+            continue;
+        }
+        for l in lo..hi {
+            let prev = if l == 0 { -1.0 } else { row[l - 1] };
+            if prev >= threshold {
+                let end = (l + budget).min(hi);
+                skipped += end - l;
+                damage += row[l..end].iter().map(|&c| 1.0 - f64::from(c)).sum::<f64>();
+                break;
+            }
+        }
+    }
+    let t = tokens.max(1) as f64;
+    (skipped as f64 / (t * n_layer as f64), damage / t)
+}
+
+/// Threshold and budget for `ratio`: over a grid of thresholds, the smallest budget whose
+/// simulated ratio reaches the target, keeping the (threshold, k) with the least simulated
+/// damage (ties: the higher threshold).
+pub fn suggest(
+    ffn: &[f32],
+    n_layer: usize,
+    cold: (usize, usize),
+    ratio: f64,
+    full_every: usize,
+) -> Suggestion {
+    let region = n_layer - cold.0 - cold.1;
+    let mut best: Option<Suggestion> = None;
+    let thresholds = (80..=99).map(|t| t as f32 / 100.0).chain([-1.0]);
+    for thr in thresholds {
+        let sched = |k: f64| Schedule {
+            warmup: 0,
+            k,
+            full_every,
+        };
+        let base = Schedule::for_ratio(ratio, n_layer, 0, full_every).k;
+        let (mut lo, mut hi) = (base, region as f64);
+        let target = ratio - 1e-9;
+        if simulate(ffn, n_layer, cold, thr, &sched(hi)).0 < target {
+            // Even the whole region does not reach the ratio at this threshold.
+            let (r, d) = simulate(ffn, n_layer, cold, thr, &sched(hi));
+            let s = Suggestion {
+                ratio,
+                threshold: thr,
+                k: hi,
+                simulated_ratio: r,
+                simulated_damage: d,
+            };
+            if best
+                .as_ref()
+                .is_none_or(|b| b.simulated_ratio < target && r > b.simulated_ratio)
+            {
+                best = Some(s);
+            }
+            continue;
+        }
+        if simulate(ffn, n_layer, cold, thr, &sched(lo)).0 < target {
+            for _ in 0..20 {
+                let mid = (lo + hi) / 2.0;
+                if simulate(ffn, n_layer, cold, thr, &sched(mid)).0 >= target {
+                    hi = mid;
+                } else {
+                    lo = mid;
+                }
+            }
+            lo = hi;
+        }
+        let k = (lo * 100.0).ceil() / 100.0;
+        let (r, d) = simulate(ffn, n_layer, cold, thr, &sched(k));
+        let better = match &best {
+            None => true,
+            Some(b) if b.simulated_ratio < target => true,
+            Some(b) => d < b.simulated_damage - 1e-12,
+        };
+        if better {
+            best = Some(Suggestion {
+                ratio,
+                threshold: thr,
+                k,
+                simulated_ratio: r,
+                simulated_damage: d,
+            });
+        }
+    }
+    best.expect("the threshold grid is not empty")
+}
+
+/// Calibration over `tokens` (first token excluded from the statistics: position 0 is the
+/// attention sink and is never generated).
+pub fn calibrate(
+    model: &Llama,
+    tokens: &[u32],
+    threads: usize,
+    source: &str,
+    full_every: usize,
+) -> anyhow::Result<(Profile, Recorder)> {
+    let n_layer = model.config.n_layer;
+    anyhow::ensure!(
+        tokens.len() >= 2,
+        "calibration needs at least 2 tokens, the text gave {}",
+        tokens.len()
+    );
+    let config = SessionConfig::new(tokens.len(), threads);
+    let mut session = Session::with_hook(model, config, Recorder::new(n_layer))?;
+    session.prefill(tokens)?;
+    let rec = session.hook;
+    let ffn = &rec.ffn[n_layer..];
+    let layer = &rec.layer[n_layer..];
+    let ffn_cos = layer_stats(ffn, n_layer);
+    let layer_cos = layer_stats(layer, n_layer);
+    let block_influence = layer_cos.iter().map(|s| 1.0 - s.mean).collect();
+    let mean: Vec<f32> = ffn_cos.iter().map(|s| s.mean).collect();
+    let cold = cold_regions(&mean);
+    let suggestions = TARGET_RATIOS
+        .iter()
+        .map(|&r| suggest(ffn, n_layer, cold, r, full_every))
+        .collect();
+    let profile = Profile {
+        version: PROFILE_VERSION,
+        n_layer,
+        tokens: tokens.len() - 1,
+        source: source.to_string(),
+        ffn_cos,
+        layer_cos,
+        block_influence,
+        cold_start: cold.0,
+        cold_end: cold.1,
+        full_every,
+        suggestions,
+    };
+    profile.validate()?;
+    Ok((profile, rec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cold_regions_find_the_low_ends() {
+        let mut m = vec![0.97f32; 30];
+        m[0] = 0.05;
+        m[1] = 0.6;
+        m[29] = 0.78;
+        m[20] = 0.955; // an interior dip is not a cold region
+        assert_eq!(cold_regions(&m), (2, 1));
+    }
+
+    #[test]
+    fn simulation_counts_the_greedy_run() {
+        // 2 tokens × 6 layers, cold 1 + 1: region is layers 1..5.
+        let ffn = [
+            0.1, 0.99, 0.5, 0.99, 0.99, 0.2, // fires at layer 2 (prev = layer 1): skips 2,3
+            0.1, 0.5, 0.5, 0.5, 0.5, 0.2, // never fires at 0.9
+        ];
+        let s = Schedule {
+            warmup: 0,
+            k: 2.0,
+            full_every: 0,
+        };
+        let (r, d) = simulate(&ffn, 6, (1, 1), 0.9, &s);
+        assert!((r - 2.0 / 12.0).abs() < 1e-12);
+        assert!((d - (0.5 + 0.01) / 2.0).abs() < 1e-6);
+    }
+}
