@@ -164,3 +164,108 @@ fn bad_inputs_fail_with_messages_not_panics() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no prompt"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `generate --skip adaptive --json` reports the skip statistics, and says on stderr which
+/// parameters it used (no profile in the default model: the paper's defaults).
+#[test]
+fn generate_with_adaptive_skip_reports_statistics() {
+    let model = common::default_model();
+    let m = model.to_str().expect("utf-8 path");
+    let out = ffnskip(&[
+        "generate",
+        "-m",
+        m,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "20",
+        "--temp",
+        "0",
+        "-t",
+        "2",
+        "--json",
+        "--skip",
+        "adaptive",
+        "--skip-ratio",
+        "0.3",
+        "--warmup",
+        "4",
+        "--skip-trace",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("skip: adaptive at target 30%") && stderr.contains("paper defaults"),
+        "{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let s = &v["skip"];
+    assert_eq!(s["policy"], "adaptive");
+    let (skipped, eligible) = (
+        s["skipped_ffn"].as_u64().unwrap(),
+        s["eligible_ffn"].as_u64().unwrap(),
+    );
+    // 20 tokens: the first comes from the prefill, 19 decode steps, 4 warm-up → 15 × 30.
+    assert_eq!(eligible, 15 * 30);
+    assert!(skipped > 0);
+    let ratio = s["ffn_skip_ratio"].as_f64().unwrap();
+    assert!((ratio - skipped as f64 / eligible as f64).abs() < 1e-12);
+    let per_layer: Vec<u64> = serde_json::from_value(s["per_layer"].clone()).unwrap();
+    assert_eq!(per_layer.len(), 30);
+    assert_eq!(per_layer.iter().sum::<u64>(), skipped);
+    assert!(s["bytes_skipped"].as_u64().unwrap() > 0);
+    assert_eq!(s["decisions"].as_array().unwrap().len(), 15);
+}
+
+#[test]
+fn skip_flag_errors_are_clear() {
+    let model = common::default_model();
+    let m = model.to_str().expect("utf-8 path");
+    let out = ffnskip(&["generate", "-m", m, "-p", "hi", "--skip", "shortgpt"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "--skip shortgpt ranks layers by Block Influence and needs a calibration profile"
+        ),
+        "{stderr}"
+    );
+    let out = ffnskip(&[
+        "generate",
+        "-m",
+        m,
+        "-p",
+        "hi",
+        "--skip",
+        "adaptive",
+        "--cold-start",
+        "20",
+        "--cold-end",
+        "20",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: --cold-start 20 + --cold-end 20 exceed the model's 30 layers"
+    );
+    let out = ffnskip(&[
+        "generate",
+        "-m",
+        m,
+        "-p",
+        "hi",
+        "--skip",
+        "adaptive",
+        "--skip-profile",
+        "/nonexistent.json",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read skip profile /nonexistent.json"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ffnskip(&["bench", "-m", m, "--skip", "adaptive:2"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: --skip adaptive:2: ratio '2' is not a number in 0..1"
+    );
+}

@@ -1,5 +1,6 @@
 //! Command line: one file per subcommand. Flags follow llama.cpp's habits.
 
+mod bench;
 mod calibrate;
 mod chat;
 mod convert;
@@ -39,6 +40,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Print the token ids of a text as JSON.
     Tokenize(tokenize::TokenizeArgs),
+    /// Decode/prefill speed per model × skip policy vs llama.cpp on the same file.
+    Bench(bench::BenchArgs),
     /// Measure the per-layer FFN similarity profile on calibration text (JSON, SVG, PNG) and
     /// suggest skip settings; optionally embed it in a copy of the model.
     Calibrate(calibrate::CalibrateArgs),
@@ -278,6 +281,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Tokenize(a) => tokenize::run(a),
         Command::ConvertLlama2c(a) => convert::run(a),
         Command::Calibrate(a) => calibrate::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! Measurement that drives sessions: calibration (and, above it, bench and eval).
 
+pub mod bench;
 pub mod calibrate;
 pub mod plot;
 

@@ -214,3 +214,108 @@ impl Chart for ProfileChart<'_> {
         Ok(())
     }
 }
+
+/// `ffnskip bench`: decode tokens/s against realized FFN skip ratio, one colour per model
+/// (quant type), each policy a labelled point; llama.cpp's full-model speed as a dashed line.
+pub struct BenchChart<'a> {
+    pub rows: &'a [crate::measure::bench::BenchRow],
+    pub title: String,
+}
+
+impl Chart for BenchChart<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        root.fill(&WHITE).map_err(err)?;
+        let mut models: Vec<&str> = Vec::new();
+        for r in self.rows {
+            if !models.contains(&r.model.as_str()) {
+                models.push(&r.model);
+            }
+        }
+        let x_max = self
+            .rows
+            .iter()
+            .map(|r| r.ffn_skip_ratio * 100.0)
+            .fold(10.0f64, f64::max)
+            * 1.1;
+        let y_max = self
+            .rows
+            .iter()
+            .flat_map(|r| {
+                [
+                    r.decode_tokens_per_s.max,
+                    r.llama_cpp_decode_tokens_per_s.median,
+                ]
+            })
+            .fold(1.0f64, f64::max)
+            * 1.15;
+        let mut chart = ChartBuilder::on(root)
+            .caption(&self.title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(-1.0f64..x_max, 0f64..y_max)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("realized FFN skip ratio (%)")
+            .y_desc("decode tokens/s (median)")
+            .draw()
+            .map_err(err)?;
+        for (mi, m) in models.iter().enumerate() {
+            let color = Palette99::pick(mi).to_rgba();
+            let rows: Vec<_> = self.rows.iter().filter(|r| r.model == *m).collect();
+            let label = format!(
+                "{} ({})",
+                Path::new(m)
+                    .file_stem()
+                    .map_or_else(|| m.to_string(), |s| s.to_string_lossy().into_owned()),
+                rows.first().map_or("", |r| r.quant.as_str())
+            );
+            chart
+                .draw_series(rows.iter().map(|r| {
+                    Circle::new(
+                        (r.ffn_skip_ratio * 100.0, r.decode_tokens_per_s.median),
+                        4,
+                        color.filled(),
+                    )
+                }))
+                .map_err(err)?
+                .label(label)
+                .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+            chart
+                .draw_series(rows.iter().map(|r| {
+                    Text::new(
+                        r.policy.split(':').next().unwrap_or("").to_string(),
+                        (r.ffn_skip_ratio * 100.0 + 0.4, r.decode_tokens_per_s.median),
+                        ("sans-serif", 12).into_font().color(&color),
+                    )
+                }))
+                .map_err(err)?;
+            if let Some(r) = rows.first() {
+                let y = r.llama_cpp_decode_tokens_per_s.median;
+                chart
+                    .draw_series(DashedLineSeries::new(
+                        [(-1.0, y), (x_max, y)],
+                        6,
+                        4,
+                        color.stroke_width(1),
+                    ))
+                    .map_err(err)?
+                    .label("llama.cpp, full model (same file)")
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerLeft)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(err)?;
+        Ok(())
+    }
+}

@@ -8,7 +8,7 @@
 //! `llama/model_ffn_baseline.py`). DESIGN §2 summarises both.
 
 mod controller;
-mod params;
+pub mod params;
 mod profile;
 mod schedule;
 mod stats;

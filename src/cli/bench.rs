@@ -1,0 +1,113 @@
+//! `ffnskip bench`: decode and prefill speed per model × skip policy, against llama.cpp on
+//! the same file in the same invocation; markdown, `--json` or `--csv`, and an SVG/PNG plot.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::measure::bench::{bench_model, csv, markdown, BenchConfig, PolicySpec};
+use crate::measure::plot::{draw_svg_png, BenchChart};
+use crate::skip::SkipOptions;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// GGUF models to measure (repeatable; default: the default model).
+    #[arg(short = 'm', long = "model")]
+    pub models: Vec<PathBuf>,
+    /// Policies as NAME[:RATIO], comma-separated or repeated (e.g. none,adaptive:0.25).
+    #[arg(
+        long = "skip",
+        value_delimiter = ',',
+        default_value = "none,adaptive:0.25"
+    )]
+    pub skip: Vec<String>,
+    /// Worker threads (same for llama.cpp).
+    #[arg(short = 't', long = "threads", default_value_t = 2)]
+    pub threads: usize,
+    /// Prefill length in tokens.
+    #[arg(long = "prompt-tokens", default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Decoded tokens per repetition.
+    #[arg(long = "gen-tokens", default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Measured repetitions (after one warm-up repetition).
+    #[arg(long = "reps", default_value_t = 5)]
+    pub reps: usize,
+    /// Calibration profile for adaptive/shortgpt (default: the one embedded in each model).
+    #[arg(long = "skip-profile")]
+    pub profile: Option<PathBuf>,
+    /// Generated tokens run in full before skipping starts (default 8).
+    #[arg(long = "warmup")]
+    pub warmup: Option<usize>,
+    /// Seed of the random and static baselines.
+    #[arg(long = "seed", default_value_t = 0)]
+    pub seed: u64,
+    /// Print JSON instead of a markdown table.
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// Print CSV instead of a markdown table.
+    #[arg(long)]
+    pub csv: bool,
+    /// Write the decode-speed-vs-skip-ratio plot to PATH.svg and PATH.png.
+    #[arg(long = "plot")]
+    pub plot: Option<PathBuf>,
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.reps >= 1, "--reps must be at least 1");
+    anyhow::ensure!(a.gen_tokens >= 1, "--gen-tokens must be at least 1");
+    anyhow::ensure!(a.threads >= 1, "--threads must be at least 1");
+    anyhow::ensure!(
+        a.prompt_tokens >= 16,
+        "--prompt-tokens {} is too short (expected ≥ 16)",
+        a.prompt_tokens
+    );
+    let specs = a
+        .skip
+        .iter()
+        .map(|s| PolicySpec::parse(s.trim()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let models = if a.models.is_empty() {
+        vec![crate::fetch::default_model()?]
+    } else {
+        a.models.clone()
+    };
+    let cfg = BenchConfig {
+        threads: a.threads,
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        reps: a.reps,
+        base: SkipOptions {
+            warmup: a.warmup,
+            seed: a.seed,
+            ..SkipOptions::none()
+        },
+        profile: a.profile.clone(),
+    };
+    let mut rows = Vec::new();
+    for m in &models {
+        eprintln!("== {} ==", m.display());
+        rows.extend(bench_model(m, &specs, &cfg, &mut |line| {
+            eprintln!("  {line}")
+        })?);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if a.csv {
+        print!("{}", csv(&rows));
+    } else {
+        print!("{}", markdown(&rows, &cfg));
+    }
+    if let Some(base) = &a.plot {
+        let (svg, png) = draw_svg_png(
+            &BenchChart {
+                rows: &rows,
+                title: format!("Decode speed vs FFN skip ratio ({} threads)", a.threads),
+            },
+            base,
+            (900, 600),
+        )?;
+        eprintln!("wrote {} and {}", svg.display(), png.display());
+    }
+    Ok(())
+}
