@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod data;
+pub mod metrics;
 pub mod plot;
 
 use std::path::PathBuf;
