@@ -3,6 +3,7 @@
 mod bench;
 mod calibrate;
 mod chat;
+mod eval;
 mod convert;
 mod generate;
 mod inspect;
@@ -42,6 +43,9 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Decode/prefill speed per model × skip policy vs llama.cpp on the same file.
     Bench(bench::BenchArgs),
+    /// Quality of skip policies vs the full model (FreebaseQA, perplexity, agreement,
+    /// summaries); resumable.
+    Eval(eval::EvalArgs),
     /// Measure the per-layer FFN similarity profile on calibration text (JSON, SVG, PNG) and
     /// suggest skip settings; optionally embed it in a copy of the model.
     Calibrate(calibrate::CalibrateArgs),
@@ -282,6 +286,7 @@ pub fn main() -> std::process::ExitCode {
         Command::ConvertLlama2c(a) => convert::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Eval(a) => eval::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod calibrate;
 pub mod data;
+pub mod eval;
 pub mod metrics;
 pub mod plot;
 

@@ -1,0 +1,627 @@
+//! Quality under skipping (DESIGN §3): per task and policy, against the full model on the same
+//! prompts. Every item's result is appended to a JSONL file as soon as it is done, so an
+//! interrupted run keeps what it finished and a rerun resumes where it stopped.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::bench::PolicySpec;
+use super::data::{self, MtBenchItem, QaItem, Story};
+use super::metrics;
+use crate::chat::{ChatTemplate, Message};
+use crate::gguf::GgufFile;
+use crate::model::Llama;
+use crate::sampling::{Sampler, SamplerConfig};
+use crate::session::{generate, Session, SessionConfig};
+use crate::skip::{Policy, Profile, SkipController, SkipOptions, SkipParams};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Freebaseqa,
+    Perplexity,
+    Agreement,
+    Summarize,
+}
+
+impl Task {
+    pub const ALL: [Task; 4] = [
+        Task::Freebaseqa,
+        Task::Perplexity,
+        Task::Agreement,
+        Task::Summarize,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Freebaseqa => "freebaseqa",
+            Task::Perplexity => "perplexity",
+            Task::Agreement => "agreement",
+            Task::Summarize => "summarize",
+        }
+    }
+
+    /// Items evaluated when `--limit` is not given.
+    pub fn default_limit(self) -> usize {
+        match self {
+            Task::Freebaseqa => 200,
+            Task::Perplexity => 8,
+            Task::Agreement => 20,
+            Task::Summarize => 6,
+        }
+    }
+}
+
+/// The FreebaseQA prompt (user turn of the chat template; `Question: …\nAnswer:` as a raw
+/// prompt for models without a template). Fixed so that results are comparable.
+pub const FREEBASEQA_PROMPT: &str =
+    "Answer the following question with just the answer, in a few words.\nQuestion: {question}";
+/// The summarization prompt (user turn), after LLM-KICK's CNN/DM setup.
+pub const SUMMARIZE_PROMPT: &str =
+    "Summarize the following news article in three sentences.\n\n{article}";
+/// Tokens per perplexity window (the first token is the prompt, the rest teacher-forced).
+pub const PPL_WINDOW: usize = 512;
+
+#[derive(Clone, Debug)]
+pub struct EvalConfig {
+    /// Policies; `none` (the reference) is run first whether listed or not.
+    pub specs: Vec<PolicySpec>,
+    pub data: Option<PathBuf>,
+    pub limit: Option<usize>,
+    pub threads: usize,
+    /// Skip options other than policy and ratio.
+    pub base: SkipOptions,
+    pub profile: Option<PathBuf>,
+    /// Where per-item results are kept (resume).
+    pub out_dir: PathBuf,
+    /// Most tokens generated per answer (agreement, summarize; FreebaseQA uses 32).
+    pub gen_tokens: usize,
+}
+
+/// One item's outcome under one policy, as stored in the JSONL files.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ItemRecord {
+    pub id: String,
+    #[serde(default)]
+    pub tokens: Vec<u32>,
+    #[serde(default)]
+    pub text: String,
+    pub skipped_ffn: u64,
+    pub eligible_ffn: u64,
+    /// Tokens and seconds of decoding (or of teacher-forced evaluation for perplexity).
+    pub decode_tokens: u64,
+    pub decode_secs: f64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyResult {
+    pub policy: String,
+    pub ffn_skip_ratio: f64,
+    pub decode_tokens_per_s: f64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskReport {
+    pub task: Task,
+    pub model: String,
+    pub results: Vec<PolicyResult>,
+}
+
+/// One evaluation item, whatever the task.
+enum Item {
+    Qa(QaItem),
+    Ppl { id: String, tokens: Vec<u32> },
+    Chat(MtBenchItem),
+    Story(Story),
+}
+
+impl Item {
+    fn id(&self) -> String {
+        match self {
+            Item::Qa(q) => q.id.clone(),
+            Item::Ppl { id, .. } => id.clone(),
+            Item::Chat(m) => m.id.to_string(),
+            Item::Story(s) => format!("{}/{}", s.bucket, s.id),
+        }
+    }
+}
+
+/// Loads the model, tokenizer and chat template once for every task.
+pub struct Evaluator<'m> {
+    pub path: PathBuf,
+    pub file: &'m GgufFile,
+    pub model: &'m Llama<'m>,
+    pub tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    profile: Option<(Profile, String)>,
+    pub cfg: EvalConfig,
+}
+
+impl<'m> Evaluator<'m> {
+    pub fn new(
+        path: &Path,
+        file: &'m GgufFile,
+        model: &'m Llama<'m>,
+        cfg: EvalConfig,
+    ) -> anyhow::Result<Self> {
+        let tokenizer = Tokenizer::from_gguf(file)?;
+        let template = match file.opt_str("tokenizer.chat_template")? {
+            Some(src) => {
+                let text = |t: Option<u32>| t.map_or("", |t| tokenizer.token_text(t)).to_string();
+                Some(ChatTemplate::new(
+                    &path.display().to_string(),
+                    src,
+                    &text(tokenizer.bos()),
+                    &text(tokenizer.eos()),
+                )?)
+            }
+            None => None,
+        };
+        let profile = match &cfg.profile {
+            Some(p) => Some((Profile::load_json(p)?, p.display().to_string())),
+            None => Profile::from_gguf(file)?
+                .map(|p| (p, format!("{} (embedded)", path.display()))),
+        };
+        Ok(Evaluator {
+            path: path.to_path_buf(),
+            file,
+            model,
+            tokenizer,
+            template,
+            profile,
+            cfg,
+        })
+    }
+
+    fn specs(&self) -> Vec<PolicySpec> {
+        let mut specs = vec![PolicySpec {
+            policy: Policy::None,
+            ratio: 0.0,
+        }];
+        specs.extend(
+            self.cfg
+                .specs
+                .iter()
+                .filter(|s| s.policy != Policy::None)
+                .cloned(),
+        );
+        specs
+    }
+
+    fn controller(&self, spec: &PolicySpec) -> anyhow::Result<SkipController> {
+        let opts = SkipOptions {
+            policy: spec.policy,
+            ratio: Some(spec.ratio),
+            ..self.cfg.base.clone()
+        };
+        let params = SkipParams::resolve(
+            &opts,
+            self.model.config.n_layer,
+            self.profile.as_ref().map(|(p, f)| (p, f.as_str())),
+        )
+        .with_context(|| format!("--skip {}", spec.label()))?;
+        Ok(SkipController::new(params, self.model.layer_bytes()))
+    }
+
+    /// Prompt ids: the chat template around `user` when the model has one, else `raw`.
+    fn prompt(&self, user: &str, raw: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(match &self.template {
+            Some(t) => {
+                let text = t.render(&[Message::new("user", user)], true)?;
+                self.tokenizer.encode(&text, true, true)
+            }
+            None => self.tokenizer.encode(raw, true, false),
+        })
+    }
+
+    fn items(&self, task: Task) -> anyhow::Result<Vec<Item>> {
+        let data = self.cfg.data.as_deref();
+        let limit = self.cfg.limit.unwrap_or(task.default_limit());
+        Ok(match task {
+            Task::Freebaseqa => {
+                data::load_freebaseqa(&data::resolve(data, data::FREEBASEQA_DEV)?)?
+                    .into_iter()
+                    .take(limit)
+                    .map(Item::Qa)
+                    .collect()
+            }
+            Task::Agreement => data::load_mt_bench(&data::resolve(data, data::MT_BENCH)?)?
+                .into_iter()
+                .take(limit)
+                .map(Item::Chat)
+                .collect(),
+            Task::Summarize => {
+                // `limit` stories per length bucket, each story once.
+                let stories = data::load_cnndm(&data::resolve(data, data::CNNDM_STORIES)?)?;
+                let mut seen = std::collections::HashSet::new();
+                let mut per: BTreeMap<String, usize> = BTreeMap::new();
+                let per_bucket = limit.div_ceil(3).max(1);
+                stories
+                    .into_iter()
+                    .filter(|s| seen.insert(s.id.clone()))
+                    .filter(|s| {
+                        let n = per.entry(s.bucket_by_words.clone()).or_default();
+                        *n += 1;
+                        *n <= per_bucket
+                    })
+                    .take(limit)
+                    .map(Item::Story)
+                    .collect()
+            }
+            Task::Perplexity => {
+                let text =
+                    data::load_wikitext2_test(&data::resolve(data, data::WIKITEXT2_TEST)?)?;
+                let want = limit * PPL_WINDOW;
+                let mut end = text.len().min(want * 8 + 4096);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let ids = self.tokenizer.encode(&text[..end], false, false);
+                ids.chunks_exact(PPL_WINDOW)
+                    .take(limit)
+                    .enumerate()
+                    .map(|(i, w)| Item::Ppl {
+                        id: format!("window-{i}"),
+                        tokens: w.to_vec(),
+                    })
+                    .collect()
+            }
+        })
+    }
+
+    /// Runs `task` for every policy, resuming from the stored records; returns the report.
+    pub fn run(&self, task: Task, progress: &mut dyn FnMut(&str)) -> anyhow::Result<TaskReport> {
+        let items = self.items(task)?;
+        anyhow::ensure!(!items.is_empty(), "{}: no items to evaluate", task.name());
+        let dir = self.cfg.out_dir.join(task.name());
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut reference: BTreeMap<String, ItemRecord> = BTreeMap::new();
+        let mut results = Vec::new();
+        for spec in self.specs() {
+            let path = dir.join(format!("{}.jsonl", spec.label().replace(':', "-")));
+            let mut done = load_records(&path)?;
+            let todo = items.iter().filter(|i| !done.contains_key(&i.id())).count();
+            progress(&format!(
+                "{} / {}: {} items ({} done before)",
+                task.name(),
+                spec.label(),
+                items.len(),
+                items.len() - todo
+            ));
+            if todo > 0 {
+                let mut session = Session::with_hook(
+                    self.model,
+                    SessionConfig::new(4096.min(self.model.config.n_ctx_train), self.cfg.threads),
+                    self.controller(&spec)?,
+                )?;
+                let mut out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                let bar = indicatif::ProgressBar::new(todo as u64).with_style(
+                    indicatif::ProgressStyle::with_template(
+                        "  {prefix} [{bar:30}] {pos}/{len} {elapsed_precise}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar.set_prefix(format!("{} {}", task.name(), spec.label()));
+                let pending: Vec<&Item> =
+                    items.iter().filter(|i| !done.contains_key(&i.id())).collect();
+                for item in pending {
+                    let rec = self.run_item(&mut session, item, reference.get(&item.id()))?;
+                    writeln!(out, "{}", serde_json::to_string(&rec)?)
+                        .and_then(|_| out.flush())
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    done.insert(rec.id.clone(), rec);
+                    bar.inc(1);
+                }
+                bar.finish_and_clear();
+            }
+            // Aggregate in item order (records of items outside this run's slice are ignored).
+            let recs: Vec<&ItemRecord> = items.iter().filter_map(|i| done.get(&i.id())).collect();
+            results.push(aggregate(task, &spec, &recs, &reference));
+            if spec.policy == Policy::None {
+                reference = done;
+            }
+        }
+        Ok(TaskReport {
+            task,
+            model: self.path.display().to_string(),
+            results,
+        })
+    }
+
+    fn run_item(
+        &self,
+        s: &mut Session<'_, SkipController>,
+        item: &Item,
+        full: Option<&ItemRecord>,
+    ) -> anyhow::Result<ItemRecord> {
+        s.reset();
+        s.hook.reset_stats();
+        let mut m = BTreeMap::new();
+        let (tokens, text, decode_tokens, decode_secs) = match item {
+            Item::Ppl { tokens, .. } => {
+                // First token as the prompt, the rest teacher-forced with the policy active
+                // per row (warm-up honoured): the same computation as generating them.
+                let first = s.prefill(&tokens[..1])?.to_vec();
+                let start = Instant::now();
+                let rest = s.eval_all(&tokens[1..tokens.len() - 1], false)?;
+                let secs = start.elapsed().as_secs_f64();
+                let nv = self.model.config.n_vocab;
+                let mut nll = -metrics::log_softmax_at(&first, tokens[1]);
+                for (row, &next) in rest.chunks_exact(nv).zip(&tokens[2..]) {
+                    nll -= metrics::log_softmax_at(row, next);
+                }
+                m.insert("nll_sum".into(), nll);
+                m.insert("predicted".into(), (tokens.len() - 1) as f64);
+                (Vec::new(), String::new(), (tokens.len() - 2) as u64, secs)
+            }
+            Item::Qa(q) => {
+                let user = FREEBASEQA_PROMPT.replace("{question}", &q.question);
+                let raw = format!("Question: {}\nAnswer:", q.question);
+                let ids = self.prompt(&user, &raw)?;
+                let g = self.greedy(s, &ids, 32)?;
+                m.insert(
+                    "correct".into(),
+                    f64::from(u8::from(metrics::answer_matches(&g.0, &q.answers))),
+                );
+                let (tokens, text, n, secs) = (g.1, g.0, g.2, g.3);
+                // Teacher-forced log-probability of the first gold answer, policy active.
+                let stats = s.hook.stats.clone();
+                s.reset();
+                let gold = self.tokenizer.encode(
+                    &format!(
+                        "{}{}",
+                        if self.template.is_some() { "" } else { " " },
+                        q.answers[0]
+                    ),
+                    false,
+                    false,
+                );
+                let mut lp = 0.0;
+                if !gold.is_empty() {
+                    let first = s.prefill(&ids)?.to_vec();
+                    lp += metrics::log_softmax_at(&first, gold[0]);
+                    if gold.len() > 1 {
+                        let nv = self.model.config.n_vocab;
+                        let rest = s.eval_all(&gold[..gold.len() - 1], false)?;
+                        for (row, &next) in rest.chunks_exact(nv).zip(&gold[1..]) {
+                            lp += metrics::log_softmax_at(row, next);
+                        }
+                    }
+                }
+                s.hook.stats = stats;
+                m.insert("gold_logprob".into(), lp);
+                (tokens, text, n, secs)
+            }
+            Item::Chat(c) => {
+                let ids = self.prompt(&c.first_turn, &c.first_turn)?;
+                let g = self.greedy(s, &ids, self.cfg.gen_tokens)?;
+                (g.1, g.0, g.2, g.3)
+            }
+            Item::Story(st) => {
+                // Articles longer than the context allows are cut (by words) to fit.
+                let budget = s.n_ctx().saturating_sub(self.cfg.gen_tokens + 8);
+                let mut words: Vec<&str> = st.article.split_whitespace().collect();
+                let ids = loop {
+                    let article = words.join(" ");
+                    let user = SUMMARIZE_PROMPT.replace("{article}", &article);
+                    let raw = format!("{article}\n\nSummary:");
+                    let ids = self.prompt(&user, &raw)?;
+                    if ids.len() <= budget || words.len() <= 16 {
+                        break ids;
+                    }
+                    let keep = words.len() * budget / ids.len();
+                    words.truncate(keep.min(words.len() - 1).max(16));
+                };
+                m.insert("article_words_used".into(), words.len() as f64);
+                let g = self.greedy(s, &ids, self.cfg.gen_tokens)?;
+                m.insert(
+                    "rouge_l_reference".into(),
+                    metrics::rouge_l(&g.0, &st.highlights).f1,
+                );
+                m.insert("article_words".into(), st.article_words as f64);
+                (g.1, g.0, g.2, g.3)
+            }
+        };
+        if !matches!(item, Item::Ppl { .. }) {
+            m.insert("collapse".into(), metrics::collapse_score(&text));
+            if let Some(f) = full {
+                m.insert(
+                    "identical_to_full".into(),
+                    f64::from(u8::from(tokens == f.tokens)),
+                );
+                m.insert(
+                    "first_divergence".into(),
+                    metrics::first_divergence(&tokens, &f.tokens) as f64,
+                );
+                m.insert("match_rate".into(), metrics::match_rate(&tokens, &f.tokens));
+                m.insert("rouge_l_full".into(), metrics::rouge_l(&text, &f.text).f1);
+            }
+        }
+        let st = &s.hook.stats;
+        Ok(ItemRecord {
+            id: item.id(),
+            tokens,
+            text,
+            skipped_ffn: st.skipped_ffn,
+            eligible_ffn: st.eligible_ffn,
+            decode_tokens,
+            decode_secs,
+            metrics: m,
+        })
+    }
+
+    /// Greedy answer: (text, tokens, decode steps, decode seconds).
+    fn greedy(
+        &self,
+        s: &mut Session<'_, SkipController>,
+        prompt: &[u32],
+        max: usize,
+    ) -> anyhow::Result<(String, Vec<u32>, u64, f64)> {
+        let free = s.n_ctx().saturating_sub(prompt.len() + 1);
+        let mut sampler = Sampler::new(SamplerConfig::greedy());
+        let g = generate(
+            s,
+            &self.tokenizer,
+            &mut sampler,
+            prompt,
+            max.min(free).max(1),
+            &mut |_| {},
+        )?;
+        let steps = g.tokens.len().saturating_sub(1) as u64;
+        Ok((g.text, g.tokens, steps, g.decode.as_secs_f64()))
+    }
+}
+
+fn load_records(path: &Path) -> anyhow::Result<BTreeMap<String, ItemRecord>> {
+    let mut out = BTreeMap::new();
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(out);
+    };
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<ItemRecord>(line) {
+            Ok(r) => {
+                out.insert(r.id.clone(), r);
+            }
+            // A line cut by an interruption is redone; anything else is an error.
+            Err(_) if i + 1 == text.lines().count() && !text.ends_with('\n') => {}
+            Err(e) => anyhow::bail!("{}:{}: not an eval record: {e}", path.display(), i + 1),
+        }
+    }
+    Ok(out)
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (mut s, mut n) = (0.0, 0usize);
+    for x in v {
+        s += x;
+        n += 1;
+    }
+    if n == 0 {
+        f64::NAN
+    } else {
+        s / n as f64
+    }
+}
+
+fn aggregate(
+    task: Task,
+    spec: &PolicySpec,
+    recs: &[&ItemRecord],
+    reference: &BTreeMap<String, ItemRecord>,
+) -> PolicyResult {
+    let skipped: u64 = recs.iter().map(|r| r.skipped_ffn).sum();
+    let eligible: u64 = recs.iter().map(|r| r.eligible_ffn).sum();
+    let toks: u64 = recs.iter().map(|r| r.decode_tokens).sum();
+    let secs: f64 = recs.iter().map(|r| r.decode_secs).sum();
+    let metric = |k: &str| mean(recs.iter().filter_map(|r| r.metrics.get(k).copied()));
+    let mut m = BTreeMap::new();
+    m.insert("items".into(), recs.len() as f64);
+    match task {
+        Task::Perplexity => {
+            let nll: f64 = recs.iter().filter_map(|r| r.metrics.get("nll_sum")).sum();
+            let n: f64 = recs.iter().filter_map(|r| r.metrics.get("predicted")).sum();
+            let ppl = (nll / n.max(1.0)).exp();
+            m.insert("perplexity".into(), ppl);
+            m.insert("tokens".into(), n);
+            let full: f64 = recs
+                .iter()
+                .filter_map(|r| reference.get(&r.id)?.metrics.get("nll_sum"))
+                .sum();
+            if !reference.is_empty() {
+                m.insert("perplexity_vs_full".into(), ppl / (full / n.max(1.0)).exp());
+            }
+        }
+        _ => {
+            for k in [
+                "correct",
+                "gold_logprob",
+                "collapse",
+                "identical_to_full",
+                "first_divergence",
+                "match_rate",
+                "rouge_l_full",
+                "rouge_l_reference",
+            ] {
+                let v = metric(k);
+                if !v.is_nan() {
+                    let name = if k == "correct" { "accuracy" } else { k };
+                    m.insert(name.into(), v);
+                }
+            }
+            if task == Task::Freebaseqa && !reference.is_empty() {
+                let full_acc = mean(
+                    recs.iter()
+                        .filter_map(|r| reference.get(&r.id)?.metrics.get("correct").copied()),
+                );
+                if full_acc > 0.0 {
+                    m.insert("accuracy_vs_full".into(), metric("correct") / full_acc);
+                }
+            }
+        }
+    }
+    PolicyResult {
+        policy: spec.label(),
+        ffn_skip_ratio: if eligible == 0 {
+            0.0
+        } else {
+            skipped as f64 / eligible as f64
+        },
+        decode_tokens_per_s: if secs > 0.0 { toks as f64 / secs } else { 0.0 },
+        metrics: m,
+    }
+}
+
+/// A report as a markdown table.
+pub fn markdown(r: &TaskReport) -> String {
+    use std::fmt::Write as _;
+    let mut keys: Vec<&String> = Vec::new();
+    for p in &r.results {
+        for k in p.metrics.keys() {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    let mut s = format!("### {} — {}\n\n| policy | FFN skip | tok/s |", r.task.name(), r.model);
+    for k in &keys {
+        let _ = write!(s, " {k} |");
+    }
+    s.push_str("\n|---|---|---|");
+    s.push_str(&"---|".repeat(keys.len()));
+    s.push('\n');
+    for p in &r.results {
+        let _ = write!(
+            s,
+            "| {} | {:.1}% | {:.1} |",
+            p.policy,
+            p.ffn_skip_ratio * 100.0,
+            p.decode_tokens_per_s
+        );
+        for k in &keys {
+            match p.metrics.get(*k) {
+                Some(v) => {
+                    let _ = write!(s, " {v:.4} |");
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}

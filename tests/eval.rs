@@ -1,0 +1,117 @@
+//! `eval` end to end on stories260K (converted llama2.c model, no chat template) with a tiny
+//! slice of every task, and resuming after an interruption.
+
+mod common;
+
+use std::path::Path;
+
+use common::{shared, temp_path, TempFile};
+use ffnskip::convert::convert_llama2c;
+use ffnskip::gguf::GgufFile;
+use ffnskip::measure::bench::PolicySpec;
+use ffnskip::measure::eval::{EvalConfig, Evaluator, Task, TaskReport};
+use ffnskip::model::Llama;
+use ffnskip::skip::SkipOptions;
+
+fn config(shared: &Path, out: &Path, limit: usize) -> EvalConfig {
+    EvalConfig {
+        specs: ["none", "adaptive:0.4", "random:0.4"]
+            .iter()
+            .map(|s| PolicySpec::parse(s).unwrap())
+            .collect(),
+        data: Some(shared.join("data")),
+        limit: Some(limit),
+        threads: 2,
+        base: SkipOptions {
+            warmup: Some(1),
+            threshold: Some(-1.0),
+            cold_start: Some(1),
+            cold_end: Some(1),
+            ..SkipOptions::none()
+        },
+        profile: None,
+        out_dir: out.to_path_buf(),
+        gen_tokens: 12,
+    }
+}
+
+fn metric(r: &TaskReport, policy: &str, key: &str) -> f64 {
+    let p = r.results.iter().find(|p| p.policy == policy).unwrap();
+    *p.metrics
+        .get(key)
+        .unwrap_or_else(|| panic!("{policy} has no {key}: {:?}", p.metrics))
+}
+
+#[test]
+fn every_task_runs_on_stories260k_and_resumes() {
+    let Some(shared) = shared("eval_on_stories260k") else {
+        return;
+    };
+    let dir = shared.join("models/tinyllamas");
+    let gguf = TempFile(temp_path("eval", "stories260K.gguf"));
+    convert_llama2c(
+        &dir.join("stories260K.bin"),
+        &dir.join("tok512.bin"),
+        &gguf.0,
+    )
+    .unwrap();
+    let out = temp_path("eval", "results");
+    let file = GgufFile::open(&gguf.0).unwrap();
+    let model = Llama::load(&file).unwrap();
+    let ev = Evaluator::new(&gguf.0, &file, &model, config(&shared, &out, 2)).unwrap();
+    let mut reports = Vec::new();
+    for task in Task::ALL {
+        let r = ev.run(task, &mut |_| {}).unwrap();
+        assert_eq!(r.results.len(), 3, "{task:?}");
+        assert_eq!(r.results[0].policy, "none");
+        assert_eq!(r.results[0].ffn_skip_ratio, 0.0);
+        // Threshold −1 with cold 1 + 1 of 5 layers: every counted token skips 2 of 5 FFNs.
+        assert!(
+            (r.results[1].ffn_skip_ratio - 0.4).abs() < 1e-9,
+            "{task:?}: {:?}",
+            r.results[1]
+        );
+        assert_eq!(metric(&r, "none", "items"), 2.0);
+        reports.push(r);
+    }
+    let [qa, ppl, agree, summ] = &reports[..] else {
+        unreachable!()
+    };
+    let p_full = metric(ppl, "none", "perplexity");
+    assert!(p_full > 1.0 && p_full < 512.0, "perplexity {p_full}");
+    assert!(metric(ppl, "adaptive:0.4", "perplexity_vs_full").is_finite());
+    for r in [qa, agree, summ] {
+        let m = metric(r, "adaptive:0.4", "match_rate");
+        assert!((0.0..=1.0).contains(&m));
+        assert!(metric(r, "none", "collapse") >= 0.0);
+    }
+    assert!((0.0..=1.0).contains(&metric(summ, "none", "rouge_l_reference")));
+
+    // Interrupt: drop the last record of a policy and leave a half-written line.
+    let f = out.join("agreement/adaptive-0.4.jsonl");
+    let text = std::fs::read_to_string(&f).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    std::fs::write(&f, format!("{}\n{{\"id\": \"8", lines[0])).unwrap();
+    let mut log = Vec::new();
+    let again = ev
+        .run(Task::Agreement, &mut |l| log.push(l.to_string()))
+        .unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l == "agreement / adaptive:0.4: 2 items (1 done before)"),
+        "{log:?}"
+    );
+    assert!(log
+        .iter()
+        .any(|l| l == "agreement / none: 2 items (2 done before)"));
+    // The redone item gives the same tokens and metrics (only its timing is new).
+    for (a, b) in again.results.iter().zip(&agree.results) {
+        assert_eq!(
+            (&a.policy, a.ffn_skip_ratio, &a.metrics),
+            (&b.policy, b.ffn_skip_ratio, &b.metrics)
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&f).unwrap().lines().count(), 2);
+    let _ = std::fs::remove_dir_all(&out);
+}
