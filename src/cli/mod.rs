@@ -7,6 +7,7 @@ mod eval;
 mod convert;
 mod generate;
 mod inspect;
+mod quantize;
 mod tokenize;
 
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ enum Command {
     /// Convert a llama2.c checkpoint and tokenizer into a GGUF file.
     #[command(name = "convert-llama2c")]
     ConvertLlama2c(convert::ConvertArgs),
+    /// Requantize a GGUF (q8_0, q6_k, q5_k, q5_0, q4_k, q4_1, q4_0, f16) with llama.cpp's
+    /// per-tensor type rules and ggml's quantizers.
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// `-m`, `-t`, `-c`: which model, how many threads, how much context.
@@ -285,6 +289,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Tokenize(a) => tokenize::run(a),
         Command::ConvertLlama2c(a) => convert::run(a),
         Command::Calibrate(a) => calibrate::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
     };
