@@ -21,7 +21,11 @@ pub struct EvalArgs {
     pub task: String,
     /// Policies as NAME[:RATIO], comma-separated or repeated; `none` (the reference) always
     /// runs first.
-    #[arg(long = "skip", value_delimiter = ',', default_value = "none,adaptive:0.25")]
+    #[arg(
+        long = "skip",
+        value_delimiter = ',',
+        default_value = "none,adaptive:0.25"
+    )]
     pub skip: Vec<String>,
     /// Data file or directory (default: ../shared/data).
     #[arg(long = "data")]
@@ -59,12 +63,14 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let tasks: Vec<Task> = if a.task == "all" {
         Task::ALL.to_vec()
     } else {
-        vec![<Task as clap::ValueEnum>::from_str(&a.task, true).map_err(|_| {
-            anyhow::anyhow!(
-                "--task {}: expected freebaseqa, perplexity, agreement, summarize or all",
-                a.task
-            )
-        })?]
+        vec![
+            <Task as clap::ValueEnum>::from_str(&a.task, true).map_err(|_| {
+                anyhow::anyhow!(
+                    "--task {}: expected freebaseqa, perplexity, agreement, summarize or all",
+                    a.task
+                )
+            })?,
+        ]
     };
     anyhow::ensure!(a.threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(a.limit != Some(0), "--limit must be at least 1");

@@ -3,8 +3,8 @@
 mod bench;
 mod calibrate;
 mod chat;
-mod eval;
 mod convert;
+mod eval;
 mod generate;
 mod inspect;
 mod quantize;

@@ -167,8 +167,9 @@ impl<'m> Evaluator<'m> {
         };
         let profile = match &cfg.profile {
             Some(p) => Some((Profile::load_json(p)?, p.display().to_string())),
-            None => Profile::from_gguf(file)?
-                .map(|p| (p, format!("{} (embedded)", path.display()))),
+            None => {
+                Profile::from_gguf(file)?.map(|p| (p, format!("{} (embedded)", path.display())))
+            }
         };
         Ok(Evaluator {
             path: path.to_path_buf(),
@@ -226,13 +227,11 @@ impl<'m> Evaluator<'m> {
         let data = self.cfg.data.as_deref();
         let limit = self.cfg.limit.unwrap_or(task.default_limit());
         Ok(match task {
-            Task::Freebaseqa => {
-                data::load_freebaseqa(&data::resolve(data, data::FREEBASEQA_DEV)?)?
-                    .into_iter()
-                    .take(limit)
-                    .map(Item::Qa)
-                    .collect()
-            }
+            Task::Freebaseqa => data::load_freebaseqa(&data::resolve(data, data::FREEBASEQA_DEV)?)?
+                .into_iter()
+                .take(limit)
+                .map(Item::Qa)
+                .collect(),
             Task::Agreement => data::load_mt_bench(&data::resolve(data, data::MT_BENCH)?)?
                 .into_iter()
                 .take(limit)
@@ -257,8 +256,7 @@ impl<'m> Evaluator<'m> {
                     .collect()
             }
             Task::Perplexity => {
-                let text =
-                    data::load_wikitext2_test(&data::resolve(data, data::WIKITEXT2_TEST)?)?;
+                let text = data::load_wikitext2_test(&data::resolve(data, data::WIKITEXT2_TEST)?)?;
                 let want = limit * PPL_WINDOW;
                 let mut end = text.len().min(want * 8 + 4096);
                 while !text.is_char_boundary(end) {
@@ -315,8 +313,10 @@ impl<'m> Evaluator<'m> {
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                 );
                 bar.set_prefix(format!("{} {}", task.name(), spec.label()));
-                let pending: Vec<&Item> =
-                    items.iter().filter(|i| !done.contains_key(&i.id())).collect();
+                let pending: Vec<&Item> = items
+                    .iter()
+                    .filter(|i| !done.contains_key(&i.id()))
+                    .collect();
                 for item in pending {
                     let rec = self.run_item(&mut session, item, reference.get(&item.id()))?;
                     writeln!(out, "{}", serde_json::to_string(&rec)?)
@@ -598,7 +598,11 @@ pub fn markdown(r: &TaskReport) -> String {
             }
         }
     }
-    let mut s = format!("### {} — {}\n\n| policy | FFN skip | tok/s |", r.task.name(), r.model);
+    let mut s = format!(
+        "### {} — {}\n\n| policy | FFN skip | tok/s |",
+        r.task.name(),
+        r.model
+    );
     for k in &keys {
         let _ = write!(s, " {k} |");
     }
