@@ -9,7 +9,7 @@ use common::{shared, temp_path, TempFile};
 use ffnskip::convert::convert_llama2c;
 use ffnskip::gguf::GgufFile;
 use ffnskip::measure::bench::PolicySpec;
-use ffnskip::measure::eval::{EvalConfig, Evaluator, Task, TaskReport};
+use ffnskip::measure::eval::{summary_markdown, EvalConfig, Evaluator, Task, TaskReport};
 use ffnskip::model::Llama;
 use ffnskip::skip::SkipOptions;
 
@@ -21,6 +21,7 @@ fn config(shared: &Path, out: &Path, limit: usize) -> EvalConfig {
             .collect(),
         data: Some(shared.join("data")),
         limit: Some(limit),
+        task_limits: Default::default(),
         threads: 2,
         base: SkipOptions {
             warmup: Some(1),
@@ -72,6 +73,15 @@ fn every_task_runs_on_stories260k_and_resumes() {
             r.results[1]
         );
         assert_eq!(metric(&r, "none", "items"), 2.0);
+        // Adaptive skips FFN matrices only: 40% of the layers' FFN bytes per counted token.
+        let lb = model.layer_bytes();
+        let want = 0.4 * lb.ffn.iter().sum::<u64>() as f64 / model.bytes_per_token() as f64;
+        assert!(
+            (r.results[1].weight_bytes_skipped - want).abs() < 1e-9,
+            "{task:?}: {} vs {want}",
+            r.results[1].weight_bytes_skipped
+        );
+        assert_eq!(r.results[0].weight_bytes_skipped, 0.0);
         reports.push(r);
     }
     let [qa, ppl, agree, summ] = &reports[..] else {
@@ -86,6 +96,23 @@ fn every_task_runs_on_stories260k_and_resumes() {
         assert!(metric(r, "none", "collapse") >= 0.0);
     }
     assert!((0.0..=1.0).contains(&metric(summ, "none", "rouge_l_reference")));
+    let table = summary_markdown(&reports);
+    let random = table
+        .lines()
+        .find(|l| l.starts_with("| random:0.4 |"))
+        .unwrap_or_else(|| panic!("{table}"));
+    // Ratios per task (all 40%), then the perplexity ratio against the full model.
+    assert!(
+        random.starts_with("| random:0.4 | 40.0 / 40.0 / 40.0 / 40.0% |"),
+        "{random}"
+    );
+    assert!(
+        random.contains(&format!(
+            " {:.4} |",
+            metric(ppl, "random:0.4", "perplexity_vs_full")
+        )),
+        "{random}"
+    );
 
     // Interrupt: drop the last record of a policy and leave a half-written line.
     let f = out.join("agreement/adaptive-0.4.jsonl");

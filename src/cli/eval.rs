@@ -1,13 +1,14 @@
 //! `ffnskip eval`: quality of each skip policy against the full model on FreebaseQA,
 //! wikitext-2 perplexity, MT-Bench agreement and CNN/DM summaries.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Args;
 
 use super::{model_path, open_gguf};
 use crate::measure::bench::PolicySpec;
-use crate::measure::eval::{markdown, EvalConfig, Evaluator, Task};
+use crate::measure::eval::{markdown, summary_markdown, EvalConfig, Evaluator, Task};
 use crate::model::Llama;
 use crate::skip::SkipOptions;
 
@@ -16,9 +17,9 @@ pub struct EvalArgs {
     /// GGUF model (default: the default model).
     #[arg(short = 'm', long = "model")]
     pub model: Option<PathBuf>,
-    /// Task, or `all`.
-    #[arg(long = "task", default_value = "all")]
-    pub task: String,
+    /// Tasks (freebaseqa, perplexity, agreement, summarize), comma-separated, or `all`.
+    #[arg(long = "task", value_delimiter = ',', default_value = "all")]
+    pub task: Vec<String>,
     /// Policies as NAME[:RATIO], comma-separated or repeated; `none` (the reference) always
     /// runs first.
     #[arg(
@@ -30,10 +31,11 @@ pub struct EvalArgs {
     /// Data file or directory (default: ../shared/data).
     #[arg(long = "data")]
     pub data: Option<PathBuf>,
-    /// Items per task (FreebaseQA 200, perplexity windows of 512 tokens 8, MT-Bench 20,
-    /// CNN/DM stories 6 — a third per length bucket).
-    #[arg(long = "limit")]
-    pub limit: Option<usize>,
+    /// Items per task: N for every task, or TASK=N, comma-separated (defaults: FreebaseQA 200,
+    /// perplexity windows of 512 tokens 8, MT-Bench 20, CNN/DM stories 6 — a third per length
+    /// bucket).
+    #[arg(long = "limit", value_delimiter = ',')]
+    pub limit: Vec<String>,
     /// Most tokens generated per answer for agreement and summarize.
     #[arg(long = "gen-tokens", default_value_t = 96)]
     pub gen_tokens: usize,
@@ -59,21 +61,59 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+fn parse_task(s: &str) -> anyhow::Result<Task> {
+    <Task as clap::ValueEnum>::from_str(s.trim(), true).map_err(|_| {
+        anyhow::anyhow!("--task {s}: expected freebaseqa, perplexity, agreement, summarize or all")
+    })
+}
+
+/// `--limit` entries: `N` for every task or `TASK=N`.
+fn parse_limits(v: &[String]) -> anyhow::Result<(Option<usize>, BTreeMap<String, usize>)> {
+    let mut all = None;
+    let mut per = BTreeMap::new();
+    for e in v {
+        let (task, n) = match e.split_once('=') {
+            Some((t, n)) => (
+                Some(parse_task(t).map_err(|_| {
+                    anyhow::anyhow!(
+                        "--limit {e}: unknown task {t}; expected freebaseqa, perplexity, \
+                         agreement or summarize"
+                    )
+                })?),
+                n,
+            ),
+            None => (None, e.as_str()),
+        };
+        let n: usize =
+            n.trim().parse().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                anyhow::anyhow!("--limit {e}: expected a count ≥ 1, as N or TASK=N")
+            })?;
+        match task {
+            Some(t) => {
+                per.insert(t.name().to_string(), n);
+            }
+            None => all = Some(n),
+        }
+    }
+    Ok((all, per))
+}
+
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let tasks: Vec<Task> = if a.task == "all" {
-        Task::ALL.to_vec()
-    } else {
-        vec![
-            <Task as clap::ValueEnum>::from_str(&a.task, true).map_err(|_| {
-                anyhow::anyhow!(
-                    "--task {}: expected freebaseqa, perplexity, agreement, summarize or all",
-                    a.task
-                )
-            })?,
-        ]
-    };
+    let mut tasks: Vec<Task> = Vec::new();
+    for t in &a.task {
+        let add = if t.trim() == "all" {
+            Task::ALL.to_vec()
+        } else {
+            vec![parse_task(t)?]
+        };
+        for t in add {
+            if !tasks.contains(&t) {
+                tasks.push(t);
+            }
+        }
+    }
     anyhow::ensure!(a.threads >= 1, "--threads must be at least 1");
-    anyhow::ensure!(a.limit != Some(0), "--limit must be at least 1");
+    let (limit, task_limits) = parse_limits(&a.limit)?;
     let specs = a
         .skip
         .iter()
@@ -89,7 +129,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let cfg = EvalConfig {
         specs,
         data: a.data.clone(),
-        limit: a.limit,
+        limit,
+        task_limits,
         threads: a.threads,
         base: SkipOptions {
             warmup: a.warmup,
@@ -103,6 +144,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         gen_tokens: a.gen_tokens,
     };
     let ev = Evaluator::new(&path, &file, &model, cfg)?;
+    let mut reports = Vec::new();
     for task in tasks {
         let report = ev.run(task, &mut |line| eprintln!("{line}"))?;
         if a.json {
@@ -110,7 +152,35 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         } else {
             println!("{}", markdown(&report));
         }
+        reports.push(report);
+    }
+    if !a.json && reports.len() > 1 {
+        println!("### Summary\n\n{}", summary_markdown(&reports));
     }
     eprintln!("per-item results in {}", ev.cfg.out_dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_for_all_tasks_and_per_task() {
+        let v = |s: &str| s.split(',').map(String::from).collect::<Vec<_>>();
+        let (all, per) = parse_limits(&v("5,freebaseqa=100,Perplexity=4")).unwrap();
+        assert_eq!(all, Some(5));
+        assert_eq!(per.get("freebaseqa"), Some(&100));
+        assert_eq!(per.get("perplexity"), Some(&4));
+        let e = parse_limits(&v("qa=3")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--limit qa=3: unknown task qa; expected freebaseqa, perplexity, agreement or summarize"
+        );
+        let e = parse_limits(&v("agreement=0")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--limit agreement=0: expected a count ≥ 1, as N or TASK=N"
+        );
+    }
 }

@@ -307,6 +307,58 @@ pub fn markdown(rows: &[BenchRow], cfg: &BenchConfig) -> String {
             r.gb_per_s
         );
     }
+    s.push_str(&compounding(rows));
+    s
+}
+
+/// With several models: decode tok/s as policy × model, each against the full run of the
+/// model that reads the most weight bytes (the highest-precision one), so quantization and
+/// skipping read as one speedup.
+fn compounding(rows: &[BenchRow]) -> String {
+    use std::fmt::Write as _;
+    let mut models: Vec<(&str, &str)> = Vec::new();
+    let mut policies: Vec<&str> = Vec::new();
+    for r in rows {
+        if !models.iter().any(|m| m.0 == r.model) {
+            models.push((&r.model, &r.quant));
+        }
+        if !policies.contains(&r.policy.as_str()) {
+            policies.push(&r.policy);
+        }
+    }
+    let base = rows.iter().filter(|r| r.policy == "none").max_by(|a, b| {
+        a.weight_bytes_per_token
+            .total_cmp(&b.weight_bytes_per_token)
+    });
+    let Some(base) = base.filter(|_| models.len() > 1) else {
+        return String::new();
+    };
+    let mut s = format!(
+        "\nDecode tok/s, policy × model, and the ratio to {} ({}) running in full:\n\n| policy |",
+        base.quant,
+        Path::new(&base.model)
+            .file_name()
+            .map_or(base.model.clone(), |n| n.to_string_lossy().into_owned())
+    );
+    for m in &models {
+        let _ = write!(s, " {} |", m.1);
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---|".repeat(models.len()));
+    s.push('\n');
+    for p in policies {
+        let _ = write!(s, "| {p} |");
+        for m in &models {
+            match rows.iter().find(|r| r.model == m.0 && r.policy == p) {
+                Some(r) => {
+                    let d = r.decode_tokens_per_s.median;
+                    let _ = write!(s, " {d:.1} ({:.2}×) |", d / base.decode_tokens_per_s.median);
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
     s
 }
 
@@ -345,4 +397,53 @@ pub fn csv(rows: &[BenchRow]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(model: &str, quant: &str, policy: &str, decode: f64, bytes: f64) -> BenchRow {
+        let s = Summary::of(&[decode]);
+        BenchRow {
+            model: model.into(),
+            quant: quant.into(),
+            policy: policy.into(),
+            target_ratio: 0.25,
+            ffn_skip_ratio: 0.25,
+            decode_tokens_per_s: s.clone(),
+            prefill_tokens_per_s: s.clone(),
+            llama_cpp_decode_tokens_per_s: s.clone(),
+            llama_cpp_prefill_tokens_per_s: s,
+            speedup_vs_full: None,
+            speedup_vs_llama_cpp: 1.0,
+            prefill_vs_llama_cpp: 1.0,
+            weight_bytes_per_token: bytes,
+            gb_per_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn compounding_table_is_against_the_largest_full_model() {
+        let rows = [
+            row("/m/a-q8.gguf", "Q8_0", "none", 100.0, 140e6),
+            row("/m/a-q8.gguf", "Q8_0", "adaptive:0.25", 120.0, 120e6),
+            row("/m/a-q4.gguf", "Q4_0", "none", 150.0, 90e6),
+            row("/m/a-q4.gguf", "Q4_0", "adaptive:0.25", 180.0, 80e6),
+        ];
+        let t = compounding(&rows);
+        assert!(
+            t.contains("ratio to Q8_0 (a-q8.gguf) running in full"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| none | 100.0 (1.00×) | 150.0 (1.50×) |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| adaptive:0.25 | 120.0 (1.20×) | 180.0 (1.80×) |"),
+            "{t}"
+        );
+        assert_eq!(compounding(&rows[..2]), "");
+    }
 }

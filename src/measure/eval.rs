@@ -73,7 +73,10 @@ pub struct EvalConfig {
     /// Policies; `none` (the reference) is run first whether listed or not.
     pub specs: Vec<PolicySpec>,
     pub data: Option<PathBuf>,
+    /// Items per task for every task (else `Task::default_limit`) …
     pub limit: Option<usize>,
+    /// … overridden per task (`Task::name` → items).
+    pub task_limits: BTreeMap<String, usize>,
     pub threads: usize,
     /// Skip options other than policy and ratio.
     pub base: SkipOptions,
@@ -94,6 +97,12 @@ pub struct ItemRecord {
     pub text: String,
     pub skipped_ffn: u64,
     pub eligible_ffn: u64,
+    /// Tokens counted for skipping (from the first one allowed to skip) and the weight bytes
+    /// they did not read.
+    #[serde(default)]
+    pub counted_tokens: u64,
+    #[serde(default)]
+    pub bytes_skipped: u64,
     /// Tokens and seconds of decoding (or of teacher-forced evaluation for perplexity).
     pub decode_tokens: u64,
     pub decode_secs: f64,
@@ -104,6 +113,9 @@ pub struct ItemRecord {
 pub struct PolicyResult {
     pub policy: String,
     pub ffn_skip_ratio: f64,
+    /// Share of the full model's weight bytes per token not read, over counted tokens: FFN
+    /// skips plus the attention matrices that ShortGPT and early exit also leave out.
+    pub weight_bytes_skipped: f64,
     pub decode_tokens_per_s: f64,
     pub metrics: BTreeMap<String, f64>,
 }
@@ -223,9 +235,19 @@ impl<'m> Evaluator<'m> {
         })
     }
 
+    /// Items evaluated for `task`.
+    pub fn limit(&self, task: Task) -> usize {
+        self.cfg
+            .task_limits
+            .get(task.name())
+            .copied()
+            .or(self.cfg.limit)
+            .unwrap_or(task.default_limit())
+    }
+
     fn items(&self, task: Task) -> anyhow::Result<Vec<Item>> {
         let data = self.cfg.data.as_deref();
-        let limit = self.cfg.limit.unwrap_or(task.default_limit());
+        let limit = self.limit(task);
         Ok(match task {
             Task::Freebaseqa => data::load_freebaseqa(&data::resolve(data, data::FREEBASEQA_DEV)?)?
                 .into_iter()
@@ -329,7 +351,13 @@ impl<'m> Evaluator<'m> {
             }
             // Aggregate in item order (records of items outside this run's slice are ignored).
             let recs: Vec<&ItemRecord> = items.iter().filter_map(|i| done.get(&i.id())).collect();
-            results.push(aggregate(task, &spec, &recs, &reference));
+            results.push(aggregate(
+                task,
+                &spec,
+                &recs,
+                &reference,
+                self.model.bytes_per_token() as f64,
+            ));
             if spec.policy == Policy::None {
                 reference = done;
             }
@@ -457,6 +485,8 @@ impl<'m> Evaluator<'m> {
             text,
             skipped_ffn: st.skipped_ffn,
             eligible_ffn: st.eligible_ffn,
+            counted_tokens: st.counted_tokens,
+            bytes_skipped: st.bytes_skipped,
             decode_tokens,
             decode_secs,
             metrics: m,
@@ -524,8 +554,11 @@ fn aggregate(
     spec: &PolicySpec,
     recs: &[&ItemRecord],
     reference: &BTreeMap<String, ItemRecord>,
+    bytes_per_token: f64,
 ) -> PolicyResult {
     let skipped: u64 = recs.iter().map(|r| r.skipped_ffn).sum();
+    let counted: u64 = recs.iter().map(|r| r.counted_tokens).sum();
+    let bytes: u64 = recs.iter().map(|r| r.bytes_skipped).sum();
     let eligible: u64 = recs.iter().map(|r| r.eligible_ffn).sum();
     let toks: u64 = recs.iter().map(|r| r.decode_tokens).sum();
     let secs: f64 = recs.iter().map(|r| r.decode_secs).sum();
@@ -582,8 +615,26 @@ fn aggregate(
         } else {
             skipped as f64 / eligible as f64
         },
+        weight_bytes_skipped: if counted == 0 || bytes_per_token <= 0.0 {
+            0.0
+        } else {
+            bytes as f64 / (counted as f64 * bytes_per_token)
+        },
         decode_tokens_per_s: if secs > 0.0 { toks as f64 / secs } else { 0.0 },
         metrics: m,
+    }
+}
+
+/// A metric for a table: counts as integers, large values in exponent form.
+fn fmt_metric(v: f64) -> String {
+    if !v.is_finite() {
+        format!("{v}")
+    } else if v.fract() == 0.0 && v.abs() < 1e6 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1e5 {
+        format!("{v:.2e}")
+    } else {
+        format!("{v:.4}")
     }
 }
 
@@ -599,33 +650,133 @@ pub fn markdown(r: &TaskReport) -> String {
         }
     }
     let mut s = format!(
-        "### {} — {}\n\n| policy | FFN skip | tok/s |",
+        "### {} — {}\n\n| policy | FFN skip | weight bytes skipped | tok/s |",
         r.task.name(),
         r.model
     );
     for k in &keys {
         let _ = write!(s, " {k} |");
     }
-    s.push_str("\n|---|---|---|");
+    s.push_str("\n|---|---|---|---|");
     s.push_str(&"---|".repeat(keys.len()));
     s.push('\n');
     for p in &r.results {
         let _ = write!(
             s,
-            "| {} | {:.1}% | {:.1} |",
+            "| {} | {:.1}% | {:.1}% | {:.1} |",
             p.policy,
             p.ffn_skip_ratio * 100.0,
+            p.weight_bytes_skipped * 100.0,
             p.decode_tokens_per_s
         );
         for k in &keys {
             match p.metrics.get(*k) {
                 Some(v) => {
-                    let _ = write!(s, " {v:.4} |");
+                    let _ = write!(s, " {} |", fmt_metric(*v));
                 }
                 None => s.push_str(" – |"),
             }
         }
         s.push('\n');
     }
+    s
+}
+
+/// One row per policy across the tasks of one run: the headline figure of each task next to
+/// the realized skip ratios.
+pub fn summary_markdown(reports: &[TaskReport]) -> String {
+    use std::fmt::Write as _;
+    // (task, metric key, column title)
+    const COLUMNS: [(Task, &str, &str); 9] = [
+        (Task::Perplexity, "perplexity_vs_full", "ppl ×full"),
+        (Task::Freebaseqa, "accuracy_vs_full", "QA acc ×full"),
+        (Task::Freebaseqa, "gold_logprob", "QA gold logprob"),
+        (Task::Freebaseqa, "identical_to_full", "QA same as full"),
+        (
+            Task::Agreement,
+            "first_divergence",
+            "MT-Bench tokens to divergence",
+        ),
+        (Task::Agreement, "match_rate", "MT-Bench match"),
+        (Task::Agreement, "rouge_l_full", "MT-Bench ROUGE-L vs full"),
+        (Task::Summarize, "rouge_l_full", "CNN/DM ROUGE-L vs full"),
+        (
+            Task::Summarize,
+            "rouge_l_reference",
+            "CNN/DM ROUGE-L vs highlights",
+        ),
+    ];
+    let cols: Vec<_> = COLUMNS
+        .iter()
+        .filter(|c| reports.iter().any(|r| r.task == c.0))
+        .collect();
+    let mut policies: Vec<&str> = Vec::new();
+    for r in reports {
+        for p in &r.results {
+            if !policies.contains(&p.policy.as_str()) {
+                policies.push(&p.policy);
+            }
+        }
+    }
+    let mut s = String::from(
+        "| policy | FFN skip (per task) | weight bytes skipped (per task) | collapse (max) |",
+    );
+    for c in &cols {
+        let _ = write!(s, " {} |", c.2);
+    }
+    s.push_str("\n|---|---|---|---|");
+    s.push_str(&"---|".repeat(cols.len()));
+    s.push('\n');
+    for pol in policies {
+        let rows: Vec<(Task, &PolicyResult)> = reports
+            .iter()
+            .filter_map(|r| Some((r.task, r.results.iter().find(|p| p.policy == pol)?)))
+            .collect();
+        let ratios: Vec<String> = rows
+            .iter()
+            .map(|(_, p)| format!("{:.1}", p.ffn_skip_ratio * 100.0))
+            .collect();
+        let bytes: Vec<String> = rows
+            .iter()
+            .map(|(_, p)| format!("{:.1}", p.weight_bytes_skipped * 100.0))
+            .collect();
+        let collapse = rows
+            .iter()
+            .filter_map(|(_, p)| p.metrics.get("collapse").copied())
+            .fold(f64::NAN, f64::max);
+        let _ = write!(
+            s,
+            "| {pol} | {}% | {}% | {} |",
+            ratios.join(" / "),
+            bytes.join(" / "),
+            if collapse.is_nan() {
+                "–".into()
+            } else {
+                format!("{collapse:.3}")
+            }
+        );
+        for c in &cols {
+            match rows
+                .iter()
+                .find(|(t, _)| *t == c.0)
+                .and_then(|(_, p)| p.metrics.get(c.1))
+            {
+                Some(v) => {
+                    let _ = write!(s, " {} |", fmt_metric(*v));
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    let _ = write!(
+        s,
+        "\nPer-task figures in the order {}.\n",
+        reports
+            .iter()
+            .map(|r| r.task.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     s
 }
