@@ -206,15 +206,46 @@ where
     }
 }
 
-/// `dst[b*rows + r] = src[r*batch + b]`: `[rows, batch]` → `[batch, rows]`.
+/// `dst[b*rows + r] = src[r*batch + b]`: `[rows, batch]` → `[batch, rows]`, in tiles of
+/// `TILE` batch rows (each source read is one 64-byte line), tiles in parallel when large.
 pub fn transpose(src: &[f32], rows: usize, batch: usize, dst: &mut [f32]) {
+    const TILE: usize = 16;
     if batch == 1 {
         dst[..rows].copy_from_slice(&src[..rows]);
         return;
     }
-    for r in 0..rows {
-        for b in 0..batch {
-            dst[b * rows + r] = src[r * batch + b];
+    let src = &src[..rows * batch];
+    let tile = |t: usize, out: &mut [f32]| {
+        let b0 = t * TILE;
+        let nb = out.len() / rows;
+        for r in 0..rows {
+            for (b, &v) in src[r * batch + b0..][..nb].iter().enumerate() {
+                out[b * rows + r] = v;
+            }
+        }
+    };
+    let dst = &mut dst[..rows * batch];
+    if rows * batch >= 1 << 15 {
+        dst.par_chunks_mut(TILE * rows)
+            .enumerate()
+            .for_each(|(t, out)| tile(t, out));
+    } else {
+        dst.chunks_mut(TILE * rows)
+            .enumerate()
+            .for_each(|(t, out)| tile(t, out));
+    }
+}
+
+/// Residual add from a product in `[n, batch]` layout: `x[rows[j]*n + k] += src[k*batch + j]`
+/// for `j < batch = rows.len()`, in tiles of 16 rows so that source reads stay sequential.
+pub fn add_transposed(src: &[f32], n: usize, rows: &[usize], x: &mut [f32]) {
+    const TILE: usize = 16;
+    let batch = rows.len();
+    for (t, idx) in rows.chunks(TILE).enumerate() {
+        for k in 0..n {
+            for (&i, &v) in idx.iter().zip(&src[k * batch + t * TILE..]) {
+                x[i * n + k] += v;
+            }
         }
     }
 }
@@ -242,5 +273,33 @@ pub fn par_rows_mut(x: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Syn
         x.par_chunks_exact_mut(n)
             .enumerate()
             .for_each(|(i, r)| f(i, r));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose_and_add_transposed_in_tiles() {
+        // Sizes on both sides of the tile (16) and of the parallel cut-off (2^15 elements).
+        for (rows, batch) in [(5, 3), (7, 17), (576, 64), (1536, 33)] {
+            let src: Vec<f32> = (0..rows * batch).map(|i| i as f32).collect();
+            let mut dst = vec![0.0; rows * batch];
+            super::transpose(&src, rows, batch, &mut dst);
+            for r in 0..rows {
+                for b in 0..batch {
+                    assert_eq!(dst[b * rows + r], src[r * batch + b], "{rows}×{batch}");
+                }
+            }
+            // Rows 0, 2, 4, … of a stream twice as tall.
+            let idx: Vec<usize> = (0..batch).map(|j| 2 * j).collect();
+            let mut x = vec![1.0; 2 * batch * rows];
+            super::add_transposed(&src, rows, &idx, &mut x);
+            for (j, &i) in idx.iter().enumerate() {
+                for k in 0..rows {
+                    assert_eq!(x[i * rows + k], 1.0 + src[k * batch + j]);
+                    assert_eq!(x[(i + 1) * rows + k], 1.0);
+                }
+            }
+        }
     }
 }

@@ -21,6 +21,11 @@ use crate::ggml::{F16Dot, Kernels};
 use crate::skip::Controller;
 use crate::tensor::{self, act_row_bytes, matmul_group, par_split, Matrix, MAX_SPLITS};
 
+/// A multiple of ggml_vec_dot_f16's SIMD step (32 elements with AVX2, 64 with AVX-512).
+const PV_STEP: usize = 64;
+/// Keys scored at once: four AVX-512 (eight AVX2) accumulators, no horizontal sums.
+const QK_BLOCK: usize = 64;
+
 /// Which logits a forward call produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -69,8 +74,9 @@ struct AttnScratch {
     q16: Vec<f16>,
     /// The same, widened back to f32.
     q: Vec<f32>,
-    /// Keys of the KV head last used, widened to f32 `[n_ctx, head_dim]`.
-    keys: Vec<f32>,
+    /// Keys of the KV head last used, widened to f32 and transposed: `[head_dim, stride]`,
+    /// `stride` = positions rounded up to `QK_BLOCK` (the padding is never read as a score).
+    keys_t: Vec<f32>,
     loaded: Option<usize>,
     scores: Vec<f32>,
     /// Softmax weights rounded to f16, zero-padded to llama.cpp's KV length `[n_ctx]`.
@@ -140,9 +146,9 @@ impl Scratch {
                 .map(|_| AttnScratch {
                     q16: vec![f16::ZERO; c.head_dim],
                     q: vec![0.0; c.head_dim],
-                    keys: vec![0.0; n_ctx * c.head_dim],
+                    keys_t: vec![0.0; n_ctx.next_multiple_of(QK_BLOCK) * c.head_dim],
                     loaded: None,
-                    scores: vec![0.0; n_ctx],
+                    scores: vec![0.0; n_ctx.next_multiple_of(QK_BLOCK)],
                     p16: vec![f16::ZERO; n_ctx],
                 })
                 .collect(),
@@ -418,11 +424,7 @@ impl Llama<'_> {
         let slots = quantize_for(&[&lw.attn_output], &s.att[..na * d], d, na, &mut s.acts);
         let mm = &mut s.mm[..d * na];
         matmul_group(&[(&lw.attn_output, &s.acts[slots[0]][..])], na, mm);
-        for (j, &i) in s.active.iter().enumerate() {
-            for (k, xv) in s.x[i * d..(i + 1) * d].iter_mut().enumerate() {
-                *xv += mm[k * na + j];
-            }
-        }
+        tensor::add_transposed(mm, d, &s.active, &mut s.x);
     }
 
     /// FFN half of layer `l` for the rows in `s.ffn_rows`: `ffn_norm`, gate/up in one
@@ -470,13 +472,10 @@ impl Llama<'_> {
         let slots = quantize_for(&[&lw.ffn_down], &s.xn[..r * ff], ff, r, &mut s.acts);
         let mm = &mut s.mm[..d * r];
         matmul_group(&[(&lw.ffn_down, &s.acts[slots[0]][..])], r, mm);
-        for (j, &i) in s.ffn_rows.iter().enumerate() {
-            let xr = &mut s.x[i * d..(i + 1) * d];
-            for (k, xv) in xr.iter_mut().enumerate() {
-                *xv += mm[k * r + j];
-            }
-            if observe {
-                hook.after_ffn(l, i, &s.saved[j * d..(j + 1) * d], xr);
+        tensor::add_transposed(mm, d, &s.ffn_rows, &mut s.x);
+        if observe {
+            for (j, &i) in s.ffn_rows.iter().enumerate() {
+                hook.after_ffn(l, i, &s.saved[j * d..(j + 1) * d], &s.x[i * d..(i + 1) * d]);
             }
         }
     }
@@ -506,7 +505,11 @@ impl Llama<'_> {
             .min(cache.n_ctx);
         let f16dot = F16Dot::get();
         let items = nh * b;
-        let cost = |i: usize| positions[i % b] + 1 + 2 * hd;
+        // q·k over n positions, p·v over n rounded up to PV_STEP, both × head_dim.
+        let cost = |i: usize| {
+            let n = positions[i % b] + 1;
+            n + n.next_multiple_of(PV_STEP).min(n_kv) + 2 * hd
+        };
         let total: usize = (0..items).map(cost).sum();
         let splits = scratch
             .len()
@@ -527,6 +530,7 @@ impl Llama<'_> {
             t += 1;
         }
         let n_total = positions[b - 1] + 1;
+        let stride = n_total.next_multiple_of(QK_BLOCK);
         let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
             sc.loaded = None;
             for (item, o) in (lo..hi).zip(chunk.chunks_exact_mut(hd)) {
@@ -534,18 +538,33 @@ impl Llama<'_> {
                 let n = positions[row] + 1;
                 let kvh = h / group;
                 if sc.loaded != Some(kvh) {
-                    let keys = &mut sc.keys[..n_total * hd];
-                    crate::ggml::f16_to_f32(cache.keys(l, kvh, n_total), keys);
+                    let keys = cache.keys(l, kvh, n_total);
+                    for (p, kp) in keys.chunks_exact(hd).enumerate() {
+                        for (dd, &k) in kp.iter().enumerate() {
+                            sc.keys_t[dd * stride + p] = k.to_f32();
+                        }
+                    }
                     sc.loaded = Some(kvh);
                 }
                 crate::ggml::f32_to_f16(&q[row * d + h * hd..row * d + (h + 1) * hd], &mut sc.q16);
                 crate::ggml::f16_to_f32(&sc.q16, &mut sc.q);
-                // q·k of f16 values in f32, as ggml_vec_dot_f16 (summation order differs by
-                // ulps, which the f16 rounding of the weights below absorbs).
-                let scores = &mut sc.scores[..n];
-                for (sj, kj) in scores.iter_mut().zip(sc.keys.chunks_exact(hd)) {
-                    *sj = math::dot(&sc.q, kj) * scale;
+                // q·k of f16 values in f32, QK_BLOCK keys at a time (as ggml, products of
+                // f16-rounded values summed in f32; the order differs by ulps, which the f16
+                // rounding of the weights below absorbs).
+                let nb = n.next_multiple_of(QK_BLOCK);
+                for (jb, out) in sc.scores[..nb].chunks_exact_mut(QK_BLOCK).enumerate() {
+                    let mut acc = [0f32; QK_BLOCK];
+                    for (dd, &qd) in sc.q.iter().enumerate() {
+                        let kt = &sc.keys_t[dd * stride + jb * QK_BLOCK..][..QK_BLOCK];
+                        for (a, &k) in acc.iter_mut().zip(kt) {
+                            *a = qd.mul_add(k, *a);
+                        }
+                    }
+                    for (o, a) in out.iter_mut().zip(acc) {
+                        *o = a * scale;
+                    }
                 }
+                let scores = &mut sc.scores[..n];
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 for sj in scores.iter_mut() {
                     *sj = math::exp(*sj - max);
@@ -556,9 +575,14 @@ impl Llama<'_> {
                     *sj *= inv;
                 }
                 crate::ggml::f32_to_f16(scores, &mut sc.p16[..n]);
-                sc.p16[n..n_kv].fill(f16::ZERO);
+                // llama.cpp dots over all `n_kv` positions, the masked ones with weight 0.
+                // ggml_vec_dot_f16 sums in SIMD steps of 32 (AVX2) or 64 (AVX-512) elements
+                // into fixed accumulators, so zeros past the last step holding a real
+                // position add nothing: stopping there gives the same bits for less work.
+                let m = n.next_multiple_of(PV_STEP).min(n_kv);
+                sc.p16[n..m].fill(f16::ZERO);
                 for (dd, od) in o.iter_mut().enumerate() {
-                    *od = f16dot.dot(cache.values_t(l, kvh, dd, n_kv), &sc.p16[..n_kv]);
+                    *od = f16dot.dot(cache.values_t(l, kvh, dd, m), &sc.p16[..m]);
                 }
             }
         };

@@ -1,0 +1,26 @@
+//! llama.cpp's 512-token prefill on the default model, 10 times (min and median), for profiling
+//! against `prefill_probe` (e.g. under `perf record`). `FA_OFF=1` turns flash attention off.
+use ffnskip::peer::{FlashAttn, LlamaCpp};
+use std::time::Instant;
+fn main() -> anyhow::Result<()> {
+    let path = ffnskip::fetch::default_model()?;
+    let peer = LlamaCpp::load(&path)?;
+    let fa = if std::env::var_os("FA_OFF").is_some() {
+        FlashAttn::Off
+    } else {
+        FlashAttn::Auto
+    };
+    let mut ctx = peer.context(1024, 2, fa)?;
+    let toks: Vec<u32> = (0..512).map(|i| (i * 37 % 40000 + 100) as u32).collect();
+    let mut all = Vec::new();
+    for _ in 0..10 {
+        ctx.clear();
+        let t = Instant::now();
+        ctx.eval(&toks, false)?;
+        all.push(t.elapsed().as_secs_f64());
+        println!("llama.cpp prefill 512: {:.3}s", t.elapsed().as_secs_f64());
+    }
+    all.sort_by(f64::total_cmp);
+    println!("min {:.3}s median {:.3}s", all[0], all[all.len() / 2]);
+    Ok(())
+}
