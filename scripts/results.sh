@@ -35,6 +35,11 @@ run $B eval -m "$M" --task perplexity,agreement,summarize --skip "$Q" \
 # skipped, so every policy starts skipping at the first answer token.
 run $B eval -m "$M" --task freebaseqa --skip "$Q" --skip-profile "$W/profile.json" \
     --limit 100 --warmup 0 --out "$W/eval" > "$W/qa.md"
+# Quality across quantizations: does skipping compound with 4-bit weights?
+for q in q8_0 q4_0; do
+  run $B eval -m "$W/smollm2-135m-$q.gguf" --task perplexity --skip none,adaptive:0.1,adaptive:0.25 \
+      --skip-profile "$W/profile.json" --limit 4 --out "$W/eval" > "$W/ppl-$q.md"
+done
 fi
 cp "$W/profile.svg" docs/img/profile.svg; cp "$W/profile.png" docs/img/profile.png
 {
@@ -50,6 +55,9 @@ cp "$W/profile.svg" docs/img/profile.svg; cp "$W/profile.png" docs/img/profile.p
   cat "$W/quality.md"; echo
   echo "FreebaseQA dev (warm-up 0):"; echo
   cat "$W/qa.md"; echo
+  echo "Perplexity of the requantized files (same windows; compare absolute perplexities across"
+  echo "files, the Q4_1 rows are in the first table):"; echo
+  cat "$W/ppl-q8_0.md"; echo; cat "$W/ppl-q4_0.md"; echo
   if [ -f docs/results-reading.md ]; then cat docs/results-reading.md; fi
 } > docs/RESULTS.md
 echo "wrote docs/RESULTS.md"
