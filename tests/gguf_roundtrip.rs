@@ -8,6 +8,7 @@ use std::borrow::Cow;
 
 use ffnskip::gguf::{GgmlType, GgufFile, GgufWriter, Value, ValueType};
 
+use common::tiny::{tiny_llama, N_VOCAB};
 use common::Lcg;
 
 /// One key per value type, plus nested, empty and edge-valued arrays.
@@ -332,108 +333,12 @@ fn default_model_rewrite_is_identical() {
 // llama.cpp accepts our writer's output
 // ---------------------------------------------------------------------------------------
 
-const N_EMBD: u64 = 64;
-const N_LAYER: u64 = 2;
-const N_HEAD: u64 = 4;
-const N_FF: u64 = 128;
-const N_VOCAB: u64 = 32;
-
-/// A tiny LLaMA (F32 weights) with a 32-token SentencePiece-style vocabulary
-/// (same as tests/gguf_malformed.rs). Shapes in ggml `ne` order, `[n_in, n_out]`.
-fn tiny_llama() -> GgufWriter<'static> {
-    let mut w = GgufWriter::new();
-    w.set("general.architecture", Value::String("llama".into()));
-    w.set("general.name", Value::String("tiny".into()));
-    w.set("llama.block_count", Value::U32(N_LAYER as u32));
-    w.set("llama.context_length", Value::U32(128));
-    w.set("llama.embedding_length", Value::U32(N_EMBD as u32));
-    w.set("llama.feed_forward_length", Value::U32(N_FF as u32));
-    w.set("llama.attention.head_count", Value::U32(N_HEAD as u32));
-    w.set("llama.attention.head_count_kv", Value::U32(N_HEAD as u32));
-    w.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
-    w.set("llama.rope.freq_base", Value::F32(10000.0));
-    w.set(
-        "llama.rope.dimension_count",
-        Value::U32((N_EMBD / N_HEAD) as u32),
-    );
-    w.set("tokenizer.ggml.model", Value::String("llama".into()));
-    let mut tokens = vec![
-        "<unk>".to_string(),
-        "<s>".into(),
-        "</s>".into(),
-        "<0x0A>".into(),
-    ];
-    tokens.extend((tokens.len()..N_VOCAB as usize).map(|i| format!("▁t{i}")));
-    let types: Vec<Value> = (0..N_VOCAB)
-        .map(|i| {
-            Value::I32(match i {
-                0 => 2,
-                1 | 2 => 3,
-                3 => 6,
-                _ => 1,
-            })
-        })
-        .collect();
-    w.set(
-        "tokenizer.ggml.tokens",
-        Value::Array(
-            ValueType::String,
-            tokens.into_iter().map(Value::String).collect(),
-        ),
-    );
-    w.set(
-        "tokenizer.ggml.scores",
-        Value::Array(
-            ValueType::F32,
-            (0..N_VOCAB).map(|i| Value::F32(-(i as f32))).collect(),
-        ),
-    );
-    w.set(
-        "tokenizer.ggml.token_type",
-        Value::Array(ValueType::I32, types),
-    );
-    w.set("tokenizer.ggml.bos_token_id", Value::U32(1));
-    w.set("tokenizer.ggml.eos_token_id", Value::U32(2));
-    w.set("tokenizer.ggml.unknown_token_id", Value::U32(0));
-
-    let mut shapes: Vec<(String, Vec<u64>)> = vec![
-        ("token_embd.weight".into(), vec![N_EMBD, N_VOCAB]),
-        ("output_norm.weight".into(), vec![N_EMBD]),
-        ("output.weight".into(), vec![N_EMBD, N_VOCAB]),
-    ];
-    for l in 0..N_LAYER {
-        for (n, s) in [
-            ("attn_norm", vec![N_EMBD]),
-            ("attn_q", vec![N_EMBD, N_EMBD]),
-            ("attn_k", vec![N_EMBD, N_EMBD]),
-            ("attn_v", vec![N_EMBD, N_EMBD]),
-            ("attn_output", vec![N_EMBD, N_EMBD]),
-            ("ffn_norm", vec![N_EMBD]),
-            ("ffn_gate", vec![N_EMBD, N_FF]),
-            ("ffn_up", vec![N_EMBD, N_FF]),
-            ("ffn_down", vec![N_FF, N_EMBD]),
-        ] {
-            shapes.push((format!("blk.{l}.{n}.weight"), s));
-        }
-    }
-    let mut rng = Lcg(7);
-    for (name, shape) in shapes {
-        let n: u64 = shape.iter().product();
-        let norm = shape.len() == 1;
-        let data: Vec<u8> = (0..n)
-            .flat_map(|_| if norm { 1.0f32 } else { rng.uniform() * 0.1 }.to_le_bytes())
-            .collect();
-        w.add_tensor(&name, GgmlType::F32, &shape, data).unwrap();
-    }
-    w
-}
-
 #[test]
 fn llama_cpp_loads_our_writer_output() {
     let dir = std::env::temp_dir().join(format!("ffnskip-tiny-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tiny.gguf");
-    tiny_llama().write_file(&path).unwrap();
+    tiny_llama(&|_, s| Some(s)).write_file(&path).unwrap();
 
     let ours = GgufFile::open(&path).unwrap();
     let model = ffnskip::model::Llama::load(&ours).unwrap();

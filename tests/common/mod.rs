@@ -1,6 +1,8 @@
 //! Shared test helpers: the default model (fetched like the CLI does) and `../shared`.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use std::path::PathBuf;
 
 /// The default model, fetched on first use exactly as the CLI does.
