@@ -327,14 +327,7 @@ fn batched_equals_sequential_under_every_policy() {
     let ids = prompt(&file);
     let (cont, _) = greedy(&mut Session::new(&model, config()).unwrap(), &ids, 40);
     let profile = test_profile(30);
-    for policy in [
-        Policy::None,
-        Policy::Adaptive,
-        Policy::Random,
-        Policy::Static,
-        Policy::Shortgpt,
-        Policy::EarlyExit,
-    ] {
+    for policy in Policy::ALL {
         let o = SkipOptions {
             warmup: Some(3),
             seed: 3,

@@ -26,6 +26,16 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Every policy, the reference (`none`) first.
+    pub const ALL: [Policy; 6] = [
+        Policy::None,
+        Policy::Adaptive,
+        Policy::Random,
+        Policy::Static,
+        Policy::Shortgpt,
+        Policy::EarlyExit,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Policy::None => "none",
@@ -38,16 +48,7 @@ impl Policy {
     }
 
     pub fn parse(s: &str) -> Option<Policy> {
-        [
-            Policy::None,
-            Policy::Adaptive,
-            Policy::Random,
-            Policy::Static,
-            Policy::Shortgpt,
-            Policy::EarlyExit,
-        ]
-        .into_iter()
-        .find(|p| p.name() == s)
+        Policy::ALL.into_iter().find(|p| p.name() == s)
     }
 }
 
