@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use ffnskip::gguf::GgufFile;
 use ffnskip::model::{Batch, Llama, Logits, Scratch};
-use ffnskip::peer::{argmax, FlashAttn, LlamaCpp};
+use ffnskip::peer::{argmax, LlamaCpp, PeerMode};
 use ffnskip::skip::NoSkip;
 
 fn env(name: &str, default: usize) -> usize {
@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     let file = GgufFile::open(&path)?;
     let model = Llama::load(&file)?;
     let peer = LlamaCpp::load(&path)?;
-    let mut peer_ctx = peer.context(n_ctx as u32, threads, FlashAttn::Auto)?;
+    let mut peer_ctx = peer.context(n_ctx as u32, threads, PeerMode::Default)?;
     let mut cache = model.new_cache(n_ctx);
     let mut scratch = pool.install(|| Scratch::new(&model, 512, n_ctx));
     // Prompt: wikitext-like filler of the requested length (token ids from llama.cpp).

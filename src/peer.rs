@@ -29,16 +29,30 @@ pub struct LlamaCpp {
     model: LlamaModel,
 }
 
-/// Attention kernel choice for the peer: `Auto` is llama.cpp's default (flash attention on
-/// CPU); `Off` is the plain KQ/softmax/KQV graph whose rounding ffnskip mirrors, used for
-/// logits parity.
+/// How the peer runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlashAttn {
-    Auto,
-    Off,
+pub enum PeerMode {
+    /// llama.cpp's defaults: flash attention (its CPU default), 512-row ubatches, every thread
+    /// for prompts and decode. Benchmarks compare against this.
+    Default,
+    /// A configuration in which llama.cpp computes exactly ffnskip's numerics, for the oracle in
+    /// tests: flash attention, prompts in ubatches of at most `ubatch` rows, decode on one
+    /// thread. With ≥ 64-row ubatches ggml takes a tiled attention kernel, and with more than
+    /// one thread single-token decode over ≥ 512 cached positions splits the KV range; both
+    /// sum in other orders. For weights whose batched matmul goes through llamafile's tinyBLAS
+    /// (F32, F16, BF16, Q8_0, Q4_0, Q5_0, IQ4_NL) only `ubatch: 1` is sure to keep ggml's
+    /// row-by-row dot; for Q4_1 small batches give the same bits. Types llama.cpp repacks at
+    /// load (see [`LlamaCpp::load`]) run kernels of their own and match only within rounding.
+    Reference { ubatch: u32 },
 }
 
+/// Largest ubatch for [`PeerMode::Reference`] (ggml's tiled flash attention starts at 64).
+pub const REFERENCE_MAX_UBATCH: u32 = 32;
+
 impl LlamaCpp {
+    /// Loads as llama.cpp does by default: Q4_0, Q4_K, IQ4_NL and a few other types are
+    /// repacked into interleaved layouts for its GEMM kernels (llama-cpp-2 does not expose
+    /// `use_extra_bufts` to turn that off).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         Self::load_with(path, false)
     }
@@ -83,25 +97,27 @@ impl LlamaCpp {
         &self,
         n_ctx: u32,
         threads: usize,
-        fa: FlashAttn,
+        mode: PeerMode,
     ) -> anyhow::Result<PeerContext<'_>> {
-        let mut params = LlamaContextParams::default()
+        let batch = n_ctx.min(512);
+        let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
-            .with_n_batch(n_ctx.min(512))
-            .with_n_ubatch(n_ctx.min(512))
-            .with_n_threads(threads as i32)
+            .with_n_batch(batch)
             .with_n_threads_batch(threads as i32);
-        if fa == FlashAttn::Off {
-            params =
-                params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-        }
+        let params = match mode {
+            PeerMode::Default => params.with_n_ubatch(batch).with_n_threads(threads as i32),
+            PeerMode::Reference { ubatch } => params
+                .with_n_ubatch(batch.min(ubatch.clamp(1, REFERENCE_MAX_UBATCH)))
+                .with_n_threads(1)
+                .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED),
+        };
         let ctx = self
             .model
             .new_context(backend(), params)
             .map_err(|e| anyhow::anyhow!("llama.cpp context: {e}"))?;
         Ok(PeerContext {
             ctx,
-            batch: LlamaBatch::new(n_ctx.min(512) as usize, 1),
+            batch: LlamaBatch::new(batch as usize, 1),
             pos: 0,
             n_vocab: self.n_vocab(),
         })

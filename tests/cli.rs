@@ -64,7 +64,7 @@ fn generate_json_is_one_object_with_greedy_tokens_of_llama_cpp() {
     let peer = ffnskip::peer::LlamaCpp::load(&model).expect("llama.cpp");
     let ids = peer.tokenize("The capital of France is", true, true);
     let mut ctx = peer
-        .context(256, 2, ffnskip::peer::FlashAttn::Off)
+        .context(256, 2, ffnskip::peer::PeerMode::Reference { ubatch: 1 })
         .expect("ctx");
     let want = ctx.greedy(&ids, 12, |_| false).expect("greedy");
     assert_eq!(tokens, want);

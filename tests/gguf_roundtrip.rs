@@ -349,7 +349,7 @@ fn llama_cpp_loads_our_writer_output() {
     assert!(peer.is_eog(2));
     // It also evaluates: one step gives finite logits for every token.
     let mut ctx = peer
-        .context(16, 1, ffnskip::peer::FlashAttn::Off)
+        .context(16, 1, ffnskip::peer::PeerMode::Reference { ubatch: 1 })
         .unwrap_or_else(|e| panic!("{e:#}"));
     let logits = ctx.eval(&[1, 5, 7], true).unwrap();
     assert_eq!(logits.len(), 3);

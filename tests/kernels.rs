@@ -356,3 +356,34 @@ fn from_raw_checks_geometry() {
     // Types without a CPU dot product (activation-only Q8_K) are refused.
     assert!(Matrix::from_raw(GgmlType::Q8_K, 256, 1, &vec![0u8; 292]).is_none());
 }
+
+/// Flash attention's f16 accumulator steps (`ggml_vec_mad_f16`, `ggml_vec_scale_f16`): the
+/// SIMD bodies and the scalar tails must give exactly f16(fma(x, v, y)) and f16(y·v), at every
+/// length (head sizes that are and are not multiples of the vector width).
+#[test]
+fn f16_accumulator_steps_round_once_per_element() {
+    use half::f16;
+    let mut rng = Lcg(7);
+    let mut val = |scale: f32| f16::from_f32((rng.below(20001) as f32 / 10000.0 - 1.0) * scale);
+    for n in [1, 7, 8, 15, 16, 17, 40, 64, 80, 128, 131] {
+        let y0: Vec<f16> = (0..n).map(|_| val(4.0)).collect();
+        let x: Vec<f16> = (0..n).map(|_| val(1e-3)).collect();
+        let v = 0.737_f32;
+        let mut y = y0.clone();
+        ffnskip::ggml::vec_mad_f16(&mut y, &x, v);
+        for i in 0..n {
+            let want = f16::from_f32(x[i].to_f32().mul_add(v, y0[i].to_f32()));
+            assert_eq!(y[i].to_bits(), want.to_bits(), "mad, n = {n}, element {i}");
+        }
+        let mut y = y0.clone();
+        ffnskip::ggml::vec_scale_f16(&mut y, v);
+        for i in 0..n {
+            let want = f16::from_f32(y0[i].to_f32() * v);
+            assert_eq!(
+                y[i].to_bits(),
+                want.to_bits(),
+                "scale, n = {n}, element {i}"
+            );
+        }
+    }
+}

@@ -14,7 +14,7 @@ use common::{default_model, temp_path, TempFile};
 use ffnskip::convert::quantize::{quantize_file, Plan, Target};
 use ffnskip::gguf::{GgmlType, GgufFile, Value};
 use ffnskip::model::Llama;
-use ffnskip::peer::{argmax, FlashAttn, LlamaCpp};
+use ffnskip::peer::{argmax, LlamaCpp, PeerMode};
 use ffnskip::session::{Session, SessionConfig};
 
 use GgmlType::*;
@@ -235,7 +235,9 @@ fn f32_source_with_f16_fallback_is_byte_identical_to_llama_cpp_quantizer() {
 fn logits_parity(path: &Path, label: &str) -> (f32, usize, usize) {
     let peer = LlamaCpp::load(path).expect("llama.cpp loads our quantized file");
     let ids: Vec<u32> = peer.tokenize(PROMPT, true, true)[..N_TOKENS].to_vec();
-    let mut pc = peer.context(64, 2, FlashAttn::Off).expect("context");
+    let mut pc = peer
+        .context(64, 2, PeerMode::Reference { ubatch: 1 })
+        .expect("context");
     let theirs = pc.eval(&ids, true).expect("eval");
     let file = GgufFile::open(path).expect("open");
     let model = Llama::load(&file).expect("ffnskip loads our quantized file");
@@ -299,7 +301,12 @@ fn q8_0_and_q4_0_load_in_both_engines_with_matching_logits() {
             }
         }
         drop(f);
-        logits_parity(&out.0, &format!("{target}"));
+        let (worst, _, _) = logits_parity(&out.0, &format!("{target}"));
+        // Q8_0 runs the same kernels in both engines: identical to the bit. llama.cpp repacks
+        // Q4_0 at load for interleaved GEMV kernels that sum in another order.
+        if target == Target::Q8_0 {
+            assert_eq!(worst, 0.0, "Q8_0 logits differ from llama.cpp's");
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::gguf::{GgmlType, GgufFile};
 use crate::model::Llama;
-use crate::peer::{argmax, FlashAttn, LlamaCpp};
+use crate::peer::{argmax, LlamaCpp, PeerMode};
 use crate::session::{Session, SessionConfig};
 use crate::skip::{Policy, Profile, SkipController, SkipOptions, SkipParams};
 
@@ -142,7 +142,7 @@ pub fn bench_model(
     let model = Llama::load(&file)?;
     let peer = LlamaCpp::load(path)?;
     let n_ctx = (cfg.prompt_tokens + cfg.gen_tokens + 32).max(256);
-    let mut peer_ctx = peer.context(n_ctx as u32, cfg.threads, FlashAttn::Auto)?;
+    let mut peer_ctx = peer.context(n_ctx as u32, cfg.threads, PeerMode::Default)?;
     let text = FILLER.repeat(cfg.prompt_tokens / 8 + 8);
     let mut prompt = peer.tokenize(&text, false, false);
     prompt.truncate(cfg.prompt_tokens.max(16));

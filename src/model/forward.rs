@@ -6,25 +6,20 @@
 //!   `ffn_inp` h = x + attn          ← the [`Controller`] decides per row whether the FFN runs
 //!   ffn_norm → gate/up (one region) → SwiGLU → ffn_down; x' = h + ffn (rows that ran)
 //! Rows the controller reports as exited (`exited`) only write K/V from their frozen state.
-//! Numerics follow llama.cpp's CPU graph: activations quantized to the weight's
-//! `vec_dot_type`, RMS norm summed in f64, f16 KV cache, and attention as llama.cpp computes
-//! it without flash attention (see [`Llama::attention`]).
+//! Numerics follow llama.cpp's CPU graph bit for bit: activations quantized to the weight's
+//! `vec_dot_type`, RMS norm summed in f64 over f32 squares, RoPE rotations with the FMAs GCC
+//! forms in ggml's build, f16 KV cache, flash attention as ggml's CPU kernel computes it
+//! (`attention.rs`), and ggml's own SwiGLU.
 
 use std::time::{Duration, Instant};
 
-use half::f16;
 use rayon::prelude::*;
 
-use super::math;
+use super::attention::AttnScratch;
 use super::{KvCache, Llama};
-use crate::ggml::{F16Dot, Kernels};
+use crate::ggml::{self, Kernels};
 use crate::skip::Controller;
-use crate::tensor::{self, act_row_bytes, matmul_group, par_split, Matrix, MAX_SPLITS};
-
-/// A multiple of ggml_vec_dot_f16's SIMD step (32 elements with AVX2, 64 with AVX-512).
-const PV_STEP: usize = 64;
-/// Keys scored at once: four AVX-512 (eight AVX2) accumulators, no horizontal sums.
-const QK_BLOCK: usize = 64;
+use crate::tensor::{self, act_row_bytes, matmul_group, Matrix, MAX_SPLITS};
 
 /// Which logits a forward call produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,21 +63,6 @@ pub struct Batch<'t> {
     pub logits: Logits,
 }
 
-/// One attention worker's buffers.
-struct AttnScratch {
-    /// q of one head rounded to f16 `[head_dim]`.
-    q16: Vec<f16>,
-    /// The same, widened back to f32.
-    q: Vec<f32>,
-    /// Keys of the KV head last used, widened to f32 and transposed: `[head_dim, stride]`,
-    /// `stride` = positions rounded up to `QK_BLOCK` (the padding is never read as a score).
-    keys_t: Vec<f32>,
-    loaded: Option<usize>,
-    scores: Vec<f32>,
-    /// Softmax weights rounded to f16, zero-padded to llama.cpp's KV length `[n_ctx]`.
-    p16: Vec<f16>,
-}
-
 /// Preallocated buffers for batches of up to `max_batch` rows (llama2.c's `RunState`).
 /// Nothing is allocated per token once a session runs, except when `Logits::All` is first
 /// asked for a larger batch.
@@ -97,6 +77,8 @@ pub struct Scratch {
     acts: [Vec<u8>; 3],
     /// Matmul output `[rows, B]`.
     mm: Vec<f32>,
+    /// FFN gate and up, row-major `[2][B, n_ff]`, for SwiGLU one token row at a time.
+    gate_up: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -132,6 +114,7 @@ impl Scratch {
             xn: vec![0.0; b * wide],
             acts: [act.clone(), act.clone(), act],
             mm: vec![0.0; b * mm_rows],
+            gate_up: vec![0.0; 2 * b * c.n_ff],
             q: vec![0.0; b * c.n_embd],
             k: vec![0.0; b * c.kv_dim()],
             v: vec![0.0; b * c.kv_dim()],
@@ -143,14 +126,7 @@ impl Scratch {
             act_pos: Vec::with_capacity(b),
             rope_cs: vec![0.0; b * c.rope_dim],
             attn: (0..MAX_SPLITS.min(rayon::current_num_threads().max(1) * 2))
-                .map(|_| AttnScratch {
-                    q16: vec![f16::ZERO; c.head_dim],
-                    q: vec![0.0; c.head_dim],
-                    keys_t: vec![0.0; n_ctx.next_multiple_of(QK_BLOCK) * c.head_dim],
-                    loaded: None,
-                    scores: vec![0.0; n_ctx.next_multiple_of(QK_BLOCK)],
-                    p16: vec![f16::ZERO; n_ctx],
-                })
+                .map(|_| AttnScratch::new(c.head_dim, n_ctx))
                 .collect(),
             logits: vec![0.0; c.n_vocab],
             logits_t: Vec::new(),
@@ -168,9 +144,10 @@ impl Scratch {
     }
 }
 
-/// `out = x / sqrt(mean(x²) + eps) * w` as ggml computes it (sum in f64, then scale, then w).
+/// `out = x / sqrt(mean(x²) + eps) * w` as ggml computes it (f32 squares summed in f64, then
+/// scale, then w).
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let sum: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
     let mean = (sum / x.len() as f64) as f32;
     let scale = 1.0 / (mean + eps).sqrt();
     for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
@@ -459,16 +436,20 @@ impl Llama<'_> {
             r,
             mm,
         );
-        // SwiGLU: silu(gate) * up, then [n_ff, r] → [r, n_ff].
-        let (gate, up) = mm.split_at_mut(ff * r);
-        if r > 4 {
-            gate.par_chunks_mut(ff)
-                .zip(up.par_chunks(ff))
-                .for_each(|(g, u)| math::swiglu(g, u));
+        // SwiGLU, one token row of n_ff at a time as ggml does: [n_ff, r] → [r, n_ff].
+        let (gate, up) = mm.split_at(ff * r);
+        if r == 1 {
+            ggml::swiglu(gate, up, &mut s.xn[..ff]);
         } else {
-            math::swiglu(gate, up);
+            let (gate_t, up_t) = s.gate_up[..2 * r * ff].split_at_mut(r * ff);
+            tensor::transpose(gate, ff, r, gate_t);
+            tensor::transpose(up, ff, r, up_t);
+            s.xn[..r * ff]
+                .par_chunks_mut(ff)
+                .zip(gate_t.par_chunks(ff).zip(up_t.par_chunks(ff)))
+                .with_min_len(4)
+                .for_each(|(y, (g, u))| ggml::swiglu(g, u, y));
         }
-        tensor::transpose(gate, ff, r, &mut s.xn[..r * ff]);
         let slots = quantize_for(&[&lw.ffn_down], &s.xn[..r * ff], ff, r, &mut s.acts);
         let mm = &mut s.mm[..d * r];
         matmul_group(&[(&lw.ffn_down, &s.acts[slots[0]][..])], r, mm);
@@ -478,114 +459,5 @@ impl Llama<'_> {
                 hook.after_ffn(l, i, &s.saved[j * d..(j + 1) * d], &s.x[i * d..(i + 1) * d]);
             }
         }
-    }
-
-    /// Causal attention of `q` (`[B, n_embd]`, rows at ascending `positions`) over the cache
-    /// of layer `l`, into `out` (`[n_head, B, head_dim]`), computed as llama.cpp's graph
-    /// without flash attention: q·k of f16-rounded values, softmax in f32 (sum in f64), weights
-    /// rounded to f16, p·v with ggml's f16 dot over the KV length padded to 256 positions
-    /// (llama.cpp's `get_n_kv`) so the summation order is the same. Work items are (head, row)
-    /// pairs split across threads in contiguous ranges of equal cost (∝ attended positions).
-    fn attention(
-        &self,
-        l: usize,
-        cache: &KvCache,
-        positions: &[usize],
-        q: &[f32],
-        out: &mut [f32],
-        scratch: &mut [AttnScratch],
-    ) {
-        let c = &self.config;
-        let (nh, hd, d) = (c.n_head, c.head_dim, c.n_embd);
-        let b = positions.len();
-        let group = c.n_head / c.n_head_kv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let n_kv = (positions[b - 1] + 1)
-            .next_multiple_of(256)
-            .min(cache.n_ctx);
-        let f16dot = F16Dot::get();
-        let items = nh * b;
-        // q·k over n positions, p·v over n rounded up to PV_STEP, both × head_dim.
-        let cost = |i: usize| {
-            let n = positions[i % b] + 1;
-            n + n.next_multiple_of(PV_STEP).min(n_kv) + 2 * hd
-        };
-        let total: usize = (0..items).map(cost).sum();
-        let splits = scratch
-            .len()
-            .min(rayon::current_num_threads().max(1))
-            .min(items)
-            .max(1);
-        let mut bounds = [0usize; MAX_SPLITS + 1];
-        let (mut acc, mut t) = (0usize, 1usize);
-        for i in 0..items {
-            if t < splits && acc >= total * t / splits {
-                bounds[t] = i;
-                t += 1;
-            }
-            acc += cost(i);
-        }
-        while t <= splits {
-            bounds[t] = items;
-            t += 1;
-        }
-        let n_total = positions[b - 1] + 1;
-        let stride = n_total.next_multiple_of(QK_BLOCK);
-        let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
-            sc.loaded = None;
-            for (item, o) in (lo..hi).zip(chunk.chunks_exact_mut(hd)) {
-                let (h, row) = (item / b, item % b);
-                let n = positions[row] + 1;
-                let kvh = h / group;
-                if sc.loaded != Some(kvh) {
-                    let keys = cache.keys(l, kvh, n_total);
-                    for (p, kp) in keys.chunks_exact(hd).enumerate() {
-                        for (dd, &k) in kp.iter().enumerate() {
-                            sc.keys_t[dd * stride + p] = k.to_f32();
-                        }
-                    }
-                    sc.loaded = Some(kvh);
-                }
-                crate::ggml::f32_to_f16(&q[row * d + h * hd..row * d + (h + 1) * hd], &mut sc.q16);
-                crate::ggml::f16_to_f32(&sc.q16, &mut sc.q);
-                // q·k of f16 values in f32, QK_BLOCK keys at a time (as ggml, products of
-                // f16-rounded values summed in f32; the order differs by ulps, which the f16
-                // rounding of the weights below absorbs).
-                let nb = n.next_multiple_of(QK_BLOCK);
-                for (jb, out) in sc.scores[..nb].chunks_exact_mut(QK_BLOCK).enumerate() {
-                    let mut acc = [0f32; QK_BLOCK];
-                    for (dd, &qd) in sc.q.iter().enumerate() {
-                        let kt = &sc.keys_t[dd * stride + jb * QK_BLOCK..][..QK_BLOCK];
-                        for (a, &k) in acc.iter_mut().zip(kt) {
-                            *a = qd.mul_add(k, *a);
-                        }
-                    }
-                    for (o, a) in out.iter_mut().zip(acc) {
-                        *o = a * scale;
-                    }
-                }
-                let scores = &mut sc.scores[..n];
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                for sj in scores.iter_mut() {
-                    *sj = math::exp(*sj - max);
-                }
-                let sum: f64 = scores.iter().map(|&v| f64::from(v)).sum();
-                let inv = (1.0 / sum) as f32;
-                for sj in scores.iter_mut() {
-                    *sj *= inv;
-                }
-                crate::ggml::f32_to_f16(scores, &mut sc.p16[..n]);
-                // llama.cpp dots over all `n_kv` positions, the masked ones with weight 0.
-                // ggml_vec_dot_f16 sums in SIMD steps of 32 (AVX2) or 64 (AVX-512) elements
-                // into fixed accumulators, so zeros past the last step holding a real
-                // position add nothing: stopping there gives the same bits for less work.
-                let m = n.next_multiple_of(PV_STEP).min(n_kv);
-                sc.p16[n..m].fill(f16::ZERO);
-                for (dd, od) in o.iter_mut().enumerate() {
-                    *od = f16dot.dot(cache.values_t(l, kvh, dd, m), &sc.p16[..m]);
-                }
-            }
-        };
-        par_split(out, &mut scratch[..splits], &bounds[..=splits], hd, &run);
     }
 }

@@ -1,9 +1,8 @@
 //! Per-layer key/value cache in f16 (llama.cpp's default cache type), sized by `--ctx`.
 //!
-//! Layouts, per layer and KV head: keys `[n_ctx, head_dim]` (one row per position, so q·k
-//! over positions `0..n` is a run of consecutive rows) and values transposed,
-//! `[head_dim, n_ctx]` (so p·v is one contiguous dot per output dimension), as llama.cpp
-//! stores V when flash attention is off.
+//! Layout, per layer and KV head, for keys and values alike: `[n_ctx, head_dim]`, one row per
+//! position, as llama.cpp stores both when flash attention is on. Attention reads positions
+//! `0..n` only, so nothing past `len` is ever read.
 
 use half::f16;
 
@@ -14,8 +13,8 @@ pub struct KvCache {
     pub head_dim: usize,
     /// `[n_layer][n_head_kv][n_ctx][head_dim]`
     k: Vec<f16>,
-    /// `[n_layer][n_head_kv][head_dim][n_ctx]`
-    v_t: Vec<f16>,
+    /// `[n_layer][n_head_kv][n_ctx][head_dim]`
+    v: Vec<f16>,
     /// Positions `0..len` hold valid entries.
     pub len: usize,
 }
@@ -30,27 +29,21 @@ impl KvCache {
             head_dim,
             // Zeroed allocations are mapped lazily: pages count in RSS once written.
             k: vec![f16::ZERO; n],
-            v_t: vec![f16::ZERO; n],
+            v: vec![f16::ZERO; n],
             len: 0,
         }
     }
 
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v_t.len()) * 2
+        (self.k.len() + self.v.len()) * 2
     }
 
     pub fn clear(&mut self) {
         self.truncate(0);
     }
 
-    /// Drops positions `n..` (e.g. to rewind a chat turn). Dropped values are zeroed: p·v
-    /// runs over a padded length with zero weights there, and 0 × (stale ±inf) would be NaN.
+    /// Drops positions `n..` (e.g. to rewind a chat turn); they are overwritten before use.
     pub fn truncate(&mut self, n: usize) {
-        if n < self.len {
-            for row in self.v_t.chunks_exact_mut(self.n_ctx) {
-                row[n..self.len].fill(f16::ZERO);
-            }
-        }
         self.len = self.len.min(n);
     }
 
@@ -67,7 +60,7 @@ impl KvCache {
                 self.k[base + pos * hd + d] = f16::from_f32(x);
             }
             for (d, &x) in v[h * hd..(h + 1) * hd].iter().enumerate() {
-                self.v_t[base + d * self.n_ctx + pos] = f16::from_f32(x);
+                self.v[base + pos * hd + d] = f16::from_f32(x);
             }
         }
     }
@@ -78,9 +71,9 @@ impl KvCache {
         &self.k[base..base + n * self.head_dim]
     }
 
-    /// Value dimension `d` of positions `0..n` for one KV head: `[n]`.
-    pub fn values_t(&self, layer: usize, kvh: usize, d: usize, n: usize) -> &[f16] {
-        let base = self.head_base(layer, kvh) + d * self.n_ctx;
-        &self.v_t[base..base + n]
+    /// Values of positions `0..n` for one KV head: `[n, head_dim]`.
+    pub fn values(&self, layer: usize, kvh: usize, n: usize) -> &[f16] {
+        let base = self.head_base(layer, kvh);
+        &self.v[base..base + n * self.head_dim]
     }
 }

@@ -1,10 +1,10 @@
 //! The LLaMA model: configuration, weights borrowed from the GGUF mapping, KV cache and the
 //! one forward function used for both batched prefill and single-token decode.
 
+mod attention;
 mod config;
 mod forward;
 mod kv_cache;
-mod math;
 mod rope;
 mod weights;
 
