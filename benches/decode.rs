@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench decode` (default model, 2 threads); environment:
 //! `FFNSKIP_BENCH_MODEL=path.gguf`, `FFNSKIP_BENCH_THREADS=N`, `FFNSKIP_BENCH_REPS=N`,
-//! `FFNSKIP_BENCH_GEN=N` (decoded tokens per rep), `FFNSKIP_BENCH_PROMPT=N` (prefill tokens).
+//! `FFNSKIP_BENCH_GEN=N` (decoded tokens per rep), `FFNSKIP_BENCH_PROMPT=N` (prefill tokens),
+//! `FFNSKIP_BENCH_DEPTH=N` (context already in the cache when decoding starts, default 16).
 
 use std::time::Instant;
 
@@ -36,7 +37,8 @@ fn main() -> anyhow::Result<()> {
     let reps = env("FFNSKIP_BENCH_REPS", 7);
     let n_gen = env("FFNSKIP_BENCH_GEN", 128);
     let n_prompt = env("FFNSKIP_BENCH_PROMPT", 512);
-    let n_ctx = (n_prompt + n_gen + 16).max(1024);
+    let depth = env("FFNSKIP_BENCH_DEPTH", 16).max(1);
+    let n_ctx = (n_prompt.max(depth) + n_gen + 16).max(1024);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
@@ -48,31 +50,35 @@ fn main() -> anyhow::Result<()> {
     let mut cache = model.new_cache(n_ctx);
     let mut scratch = pool.install(|| Scratch::new(&model, 512, n_ctx));
     // Prompt: wikitext-like filler of the requested length (token ids from llama.cpp).
-    let text = "The history of the city begins in the early middle ages, when a small settlement grew around the river crossing. ".repeat(n_prompt / 8 + 8);
-    let mut prompt = peer.tokenize(&text, false, false);
-    prompt.truncate(n_prompt);
+    let text = "The history of the city begins in the early middle ages, when a small settlement grew around the river crossing. ".repeat(n_prompt.max(depth) / 8 + 8);
+    let mut tokens = peer.tokenize(&text, false, false);
+    tokens.truncate(n_prompt.max(depth));
+    let (prompt, context) = (&tokens[..n_prompt], &tokens[..depth]);
     let bytes_per_token = model.bytes_per_token() as f64;
 
     let (mut ours_tg, mut peer_tg, mut ours_pp, mut peer_pp) = (vec![], vec![], vec![], vec![]);
     println!(
-        "model {} | threads {threads} | reps {reps} | decode {n_gen} tokens after a 16-token prompt | prefill {n_prompt} tokens",
+        "model {} | threads {threads} | reps {reps} | decode {n_gen} tokens after a {depth}-token prompt | prefill {n_prompt} tokens",
         path.display()
     );
     for rep in 0..reps + 1 {
         // --- decode: ffnskip ---
         cache.clear();
         let tg = pool.install(|| -> anyhow::Result<f64> {
-            let logits = model.forward(
-                &mut cache,
-                &mut scratch,
-                &Batch {
-                    tokens: &prompt[..16],
-                    prompt: true,
-                    logits: Logits::Last,
-                },
-                &mut NoSkip,
-            )?;
-            let mut t = argmax(logits);
+            let mut t = 0;
+            for chunk in context.chunks(512) {
+                let logits = model.forward(
+                    &mut cache,
+                    &mut scratch,
+                    &Batch {
+                        tokens: chunk,
+                        prompt: true,
+                        logits: Logits::Last,
+                    },
+                    &mut NoSkip,
+                )?;
+                t = argmax(logits);
+            }
             let start = Instant::now();
             for _ in 0..n_gen {
                 let logits = model.forward(
@@ -91,7 +97,9 @@ fn main() -> anyhow::Result<()> {
         })?;
         // --- decode: llama.cpp ---
         peer_ctx.clear();
-        peer_ctx.eval(&prompt[..16], false)?;
+        for chunk in context.chunks(512) {
+            peer_ctx.eval(chunk, false)?;
+        }
         let mut t = peer_ctx.argmax_last();
         let start = Instant::now();
         for _ in 0..n_gen {
@@ -142,7 +150,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!("\n| {threads} threads | ffnskip | llama.cpp | ratio |\n|---|---|---|---|");
     println!(
-        "| decode tok/s (median of {reps}) | {otg:.1} | {ptg:.1} | {:.3}× |",
+        "| decode tok/s at depth {depth} (median of {reps}) | {otg:.1} | {ptg:.1} | {:.3}× |",
         otg / ptg
     );
     println!(

@@ -36,7 +36,8 @@ pub enum DotOrder {
     Lanes16,
     /// AVX/AVX2: four accumulators of 8 lanes (32 per step), lanes summed by two `hadd`s.
     Lanes8,
-    /// Neither matched: call ggml's kernel once per key (same bits, slower).
+    /// Call ggml's kernel once per key: the fallback when neither order matches, and the
+    /// faster route when few rows share a KV head (decode).
     Call,
 }
 
@@ -243,7 +244,13 @@ impl Llama<'_> {
         let b = positions.len();
         let group = c.n_head / c.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        let order = dot_order();
+        // Transposing a KV head's keys costs about as much as 8 per-key calls of ggml's dot;
+        // it pays off once enough (head, row) items share the head (prefill, not decode).
+        let order = if b * group >= 16 {
+            dot_order()
+        } else {
+            DotOrder::Call
+        };
         let f16dot = F16Dot::get();
         let items = nh * b;
         let cost = |i: usize| positions[i % b] + 1 + hd;
