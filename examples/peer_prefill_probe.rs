@@ -1,16 +1,17 @@
 //! llama.cpp's 512-token prefill on the default model, 10 times (min and median), for profiling
-//! against `prefill_probe` (e.g. under `perf record`). `FA_OFF=1` turns flash attention off.
+//! against `prefill_probe` (e.g. under `perf record`). `REFERENCE=1` runs llama.cpp in the
+//! bit-exact oracle configuration (32-row ubatches) instead of its defaults.
 use ffnskip::peer::{LlamaCpp, PeerMode};
 use std::time::Instant;
 fn main() -> anyhow::Result<()> {
     let path = ffnskip::fetch::default_model()?;
     let peer = LlamaCpp::load(&path)?;
-    let fa = if std::env::var_os("FA_OFF").is_some() {
+    let mode = if std::env::var_os("REFERENCE").is_some() {
         PeerMode::Reference { ubatch: 32 }
     } else {
         PeerMode::Default
     };
-    let mut ctx = peer.context(1024, 2, fa)?;
+    let mut ctx = peer.context(1024, 2, mode)?;
     let toks: Vec<u32> = (0..512).map(|i| (i * 37 % 40000 + 100) as u32).collect();
     let mut all = Vec::new();
     for _ in 0..10 {
