@@ -404,39 +404,32 @@ extern "C" {
 /// activation row of `n_ff` elements, as ggml does, because the tail of a row takes the scalar path.
 pub fn swiglu(x: &[f32], g: &[f32], y: &mut [f32]) {
     assert!(x.len() == g.len() && x.len() == y.len());
-    let n = std::ffi::c_int::try_from(x.len()).expect("row shorter than 2^31 elements");
-    // SAFETY: x, g and y each hold n floats (checked); ggml reads x[..n], g[..n] and writes
-    // y[..n] only; y is a distinct &mut borrow, so it cannot alias x or g.
-    unsafe { ggml_vec_swiglu_f32(n, y.as_mut_ptr(), x.as_ptr(), g.as_ptr()) }
+    // ggml takes an int length; rows are far shorter, but never pass one that would wrap.
+    const MAX: usize = std::ffi::c_int::MAX as usize;
+    for ((x, g), y) in x.chunks(MAX).zip(g.chunks(MAX)).zip(y.chunks_mut(MAX)) {
+        // SAFETY: x, g and y each hold n ≤ c_int::MAX floats (equal lengths checked above);
+        // ggml reads x[..n], g[..n] and writes y[..n] only; y is a distinct &mut borrow, so it
+        // cannot alias x or g.
+        unsafe {
+            ggml_vec_swiglu_f32(
+                y.len() as std::ffi::c_int,
+                y.as_mut_ptr(),
+                x.as_ptr(),
+                g.as_ptr(),
+            )
+        }
+    }
 }
 
 /// `y = f16(y + x·v)` element-wise, fused multiply-add in f32 and one rounding to f16 per element:
 /// ggml's `ggml_vec_mad_f16` (an inline function in vec.h, not exported), as flash attention
 /// accumulates softmax-weighted values. ggml's SIMD and its scalar tail (which GCC contracts
-/// into an FMA) round identically, so the vector width here does not change the bits.
+/// into an FMA) round identically, so the vector width here does not change the bits: 8 F16C
+/// lanes (16-lane AVX-512 measured no faster for head-sized rows), then scalar.
 pub fn vec_mad_f16(y: &mut [half::f16], x: &[half::f16], v: f32) {
     assert_eq!(y.len(), x.len());
     let n = y.len();
     let mut i = 0;
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        use std::arch::x86_64::*;
-        // SAFETY: the feature this needs is enabled at compile time (the cfg above).
-        let vv = unsafe { _mm512_set1_ps(v) };
-        while i + 16 <= n {
-            // SAFETY: i + 16 ≤ n = len of both slices, so each 32-byte load/store stays
-            // inside them; unaligned loads/stores are used; avx512f is enabled at compile time.
-            unsafe {
-                let py = y.as_mut_ptr().add(i).cast::<__m256i>();
-                let px = x.as_ptr().add(i).cast::<__m256i>();
-                let ay = _mm512_cvtph_ps(_mm256_loadu_si256(py));
-                let ax = _mm512_cvtph_ps(_mm256_loadu_si256(px));
-                let r = _mm512_fmadd_ps(ax, vv, ay);
-                _mm256_storeu_si256(py, _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
-            }
-            i += 16;
-        }
-    }
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "f16c",
@@ -469,21 +462,6 @@ pub fn vec_mad_f16(y: &mut [half::f16], x: &[half::f16], v: f32) {
 pub fn vec_scale_f16(y: &mut [half::f16], v: f32) {
     let n = y.len();
     let mut i = 0;
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    {
-        use std::arch::x86_64::*;
-        // SAFETY: the feature this needs is enabled at compile time (the cfg above).
-        let vv = unsafe { _mm512_set1_ps(v) };
-        while i + 16 <= n {
-            // SAFETY: i + 16 ≤ n, so the 32-byte load/store stays inside `y`.
-            unsafe {
-                let py = y.as_mut_ptr().add(i).cast::<__m256i>();
-                let r = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(py)), vv);
-                _mm256_storeu_si256(py, _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
-            }
-            i += 16;
-        }
-    }
     #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
     {
         use std::arch::x86_64::*;

@@ -293,14 +293,14 @@ impl Llama<'_> {
                 ggml::f32_to_f16(&q[row * d + h * hd..row * d + (h + 1) * hd], &mut sc.q16);
                 ggml::f16_to_f32(&sc.q16, &mut sc.q);
                 let nb = n.next_multiple_of(QK_BLOCK);
-                let blocks = sc.scores[..nb].chunks_exact_mut(QK_BLOCK).enumerate();
+                // nb is a multiple of QK_BLOCK, so there is no remainder.
+                let (blocks, _) = sc.scores[..nb].as_chunks_mut::<QK_BLOCK>();
+                let blocks = blocks.iter_mut().enumerate();
                 match order {
                     DotOrder::Lanes16 => blocks.for_each(|(jb, s)| {
-                        let s: &mut [f32; QK_BLOCK] = s.try_into().expect("block");
                         score_block::<16>(&sc.q, &sc.keys_t[jb * QK_BLOCK..], stride, s)
                     }),
                     DotOrder::Lanes8 => blocks.for_each(|(jb, s)| {
-                        let s: &mut [f32; QK_BLOCK] = s.try_into().expect("block");
                         score_block::<8>(&sc.q, &sc.keys_t[jb * QK_BLOCK..], stride, s)
                     }),
                     DotOrder::Call => {
