@@ -3,6 +3,10 @@
 //! Layers, each using only those below it: `gguf` (bytes → typed file) and `ggml` (the one
 //! FFI module) → `tensor` (matrices, parallel products) → `skip` (hook types) → `model`
 //! (forward pass) → `tokenizer`, `chat`, `sampling`, `session` → `cli`.
+//!
+//! `unsafe` is denied everywhere but in `ggml` (the FFI and ggml's SIMD orders, each block
+//! with a SAFETY comment) and at the one mmap in `gguf::reader`.
+#![deny(unsafe_code)]
 
 pub mod chat;
 pub mod cli;

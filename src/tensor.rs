@@ -250,32 +250,6 @@ pub fn add_transposed(src: &[f32], n: usize, rows: &[usize], x: &mut [f32]) {
     }
 }
 
-/// Embedding rows (`[n_embd, n_vocab]` table, any dequantizable type).
-#[derive(Clone, Copy)]
-pub struct Embedding<'a> {
-    pub matrix: Matrix<'a>,
-}
-
-impl Embedding<'_> {
-    /// Writes row `token` into `out` (`n_embd` floats).
-    pub fn lookup(&self, token: usize, out: &mut [f32]) {
-        self.matrix
-            .kernels
-            .dequantize_row(self.matrix.row(token), out);
-    }
-}
-
-/// Parallel map helper for element-wise work over rows (norms, activations).
-pub fn par_rows_mut(x: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if x.len() / n.max(1) <= 4 {
-        x.chunks_exact_mut(n).enumerate().for_each(|(i, r)| f(i, r));
-    } else {
-        x.par_chunks_exact_mut(n)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

@@ -370,13 +370,13 @@ fn f16_accumulator_steps_round_once_per_element() {
         let x: Vec<f16> = (0..n).map(|_| val(1e-3)).collect();
         let v = 0.737_f32;
         let mut y = y0.clone();
-        ffnskip::ggml::vec_mad_f16(&mut y, &x, v);
+        ffnskip::ggml::order::vec_mad_f16(&mut y, &x, v);
         for i in 0..n {
             let want = f16::from_f32(x[i].to_f32().mul_add(v, y0[i].to_f32()));
             assert_eq!(y[i].to_bits(), want.to_bits(), "mad, n = {n}, element {i}");
         }
         let mut y = y0.clone();
-        ffnskip::ggml::vec_scale_f16(&mut y, v);
+        ffnskip::ggml::order::vec_scale_f16(&mut y, v);
         for i in 0..n {
             let want = f16::from_f32(y0[i].to_f32() * v);
             assert_eq!(

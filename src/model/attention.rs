@@ -9,7 +9,9 @@
 //!   S    ← S · e^(M_old − M) + w_j   (one FMA)
 //!   out  = f32(A) · (1/S)
 //!
-//! with libm's `expf`. A row's result depends only on its q and the cache, never on the other
+//! with libm's `expf`. The summation orders (q·k over blocks of keys, the online softmax, the
+//! f16 accumulator steps) are in `ggml::order`; this file splits the work and feeds them.
+//! A row's result depends only on its q and the cache, never on the other
 //! rows of its batch, so batched prefill gives the same bits as token-by-token decode.
 //!
 //! llama.cpp takes other routes for some shapes: a tiled kernel for ubatches of ≥ 64 rows, and
@@ -17,185 +19,12 @@
 //! (with one thread that split reduces to the kernel above). Those sum in other orders and
 //! differ from this one, and from each other, in the last bits.
 
-use std::sync::OnceLock;
-
 use half::f16;
 
 use super::{KvCache, Llama};
+use crate::ggml::order::{self, dot_order, score_block, DotOrder, QK_BLOCK};
 use crate::ggml::{self, F16Dot};
 use crate::tensor::{par_split, MAX_SPLITS};
-
-/// Keys scored at once (across keys the sums vectorise with no horizontal adds).
-const QK_BLOCK: usize = 64;
-
-/// Summation order of the linked ggml's `ggml_vec_dot_f16`, found by comparing against it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DotOrder {
-    /// AVX-512: four accumulators of 16 lanes (64 elements per step), lanes summed as GCC's
-    /// `_mm512_reduce_add_ps` does (halves, then halves of those).
-    Lanes16,
-    /// AVX/AVX2: four accumulators of 8 lanes (32 per step), lanes summed by two `hadd`s.
-    Lanes8,
-    /// Call ggml's kernel once per key: the fallback when neither order matches, and the
-    /// faster route when few rows share a KV head (decode).
-    Call,
-}
-
-/// The order that reproduces the linked ggml's f16 dot bit for bit (decided once).
-pub fn dot_order() -> DotOrder {
-    static ORDER: OnceLock<DotOrder> = OnceLock::new();
-    *ORDER.get_or_init(|| {
-        let f16dot = F16Dot::get();
-        [DotOrder::Lanes16, DotOrder::Lanes8]
-            .into_iter()
-            .find(|&o| mirrors_ggml(o, &f16dot))
-            .unwrap_or(DotOrder::Call)
-    })
-}
-
-/// Whether `order` gives ggml's bits on pseudo-random keys and queries of several head sizes
-/// (multiples of both step widths and lengths with a scalar tail).
-fn mirrors_ggml(order: DotOrder, f16dot: &F16Dot) -> bool {
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rand = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        f16::from_f32(((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0)
-    };
-    for hd in [64, 128, 80, 8] {
-        let q16: Vec<f16> = (0..hd).map(|_| rand()).collect();
-        let keys: Vec<f16> = (0..hd * QK_BLOCK).map(|_| rand()).collect();
-        let q: Vec<f32> = q16.iter().map(|x| x.to_f32()).collect();
-        let mut kt = vec![0f32; hd * QK_BLOCK];
-        for (j, k) in keys.chunks_exact(hd).enumerate() {
-            for (d, x) in k.iter().enumerate() {
-                kt[d * QK_BLOCK + j] = x.to_f32();
-            }
-        }
-        let mut ours = [0f32; QK_BLOCK];
-        match order {
-            DotOrder::Lanes16 => score_block::<16>(&q, &kt, QK_BLOCK, &mut ours),
-            DotOrder::Lanes8 => score_block::<8>(&q, &kt, QK_BLOCK, &mut ours),
-            DotOrder::Call => return true,
-        }
-        for (j, k) in keys.chunks_exact(hd).enumerate() {
-            if f16dot.dot(k, &q16).to_bits() != ours[j].to_bits() {
-                return false;
-            }
-        }
-    }
-    true
-}
-
-/// `out[j] = Σ_d q[d]·k_j[d]` for the `QK_BLOCK` keys whose values sit transposed in `kt`
-/// (`kt[d * stride + j]`), summed in the order of ggml_vec_dot_f16 with `EPR`-lane vectors:
-/// per lane, four FMA chains over steps of `4·EPR` elements, combined (0+2)+(1+3), the lanes
-/// reduced pairwise, and the tail past the last whole step added in f64.
-fn score_block<const EPR: usize>(q: &[f32], kt: &[f32], stride: usize, out: &mut [f32; QK_BLOCK]) {
-    let hd = q.len();
-    let step = 4 * EPR;
-    let np = hd - hd % step;
-    let mut lanes = [[0f32; QK_BLOCK]; EPR];
-    for (j, lane) in lanes.iter_mut().enumerate() {
-        let mut acc = [[0f32; QK_BLOCK]; 4];
-        for t in (0..np).step_by(step) {
-            for (c, a) in acc.iter_mut().enumerate() {
-                let d = t + c * EPR + j;
-                let qd = q[d];
-                for (x, &k) in a.iter_mut().zip(&kt[d * stride..d * stride + QK_BLOCK]) {
-                    *x = k.mul_add(qd, *x);
-                }
-            }
-        }
-        for (i, l) in lane.iter_mut().enumerate() {
-            *l = (acc[0][i] + acc[2][i]) + (acc[1][i] + acc[3][i]);
-        }
-    }
-    match EPR {
-        16 => {
-            // _mm512_reduce_add_ps: upper 256 + lower 256, upper 128 + lower 128, then
-            // lanes (0+2) + (1+3).
-            let mut t = [[0f32; QK_BLOCK]; 8];
-            for (k, tk) in t.iter_mut().enumerate() {
-                for (i, x) in tk.iter_mut().enumerate() {
-                    *x = lanes[8 + k][i] + lanes[k][i];
-                }
-            }
-            for (i, o) in out.iter_mut().enumerate() {
-                let u = [
-                    t[4][i] + t[0][i],
-                    t[5][i] + t[1][i],
-                    t[6][i] + t[2][i],
-                    t[7][i] + t[3][i],
-                ];
-                *o = (u[0] + u[2]) + (u[1] + u[3]);
-            }
-        }
-        8 => {
-            // lower 128 + upper 128, then two _mm_hadd_ps: (0+1) + (2+3).
-            for (i, o) in out.iter_mut().enumerate() {
-                let u = [
-                    lanes[0][i] + lanes[4][i],
-                    lanes[1][i] + lanes[5][i],
-                    lanes[2][i] + lanes[6][i],
-                    lanes[3][i] + lanes[7][i],
-                ];
-                *o = (u[0] + u[1]) + (u[2] + u[3]);
-            }
-        }
-        _ => unreachable!("ggml's f16 vectors have 8 or 16 lanes"),
-    }
-    if np < hd {
-        for (i, o) in out.iter_mut().enumerate() {
-            let mut s = f64::from(*o);
-            for (d, &qd) in q.iter().enumerate().skip(np) {
-                s += f64::from(qd * kt[d * stride + i]);
-            }
-            *o = s as f32;
-        }
-    }
-}
-
-/// Online softmax over `scores` (raw q·k, in position order) and the weighted sum of `values`
-/// (`[n, head_dim]` f16) into `out` (`[head_dim]`), with the f16 accumulator `acc`.
-fn softmax_values(scores: &[f32], scale: f32, values: &[f16], acc: &mut [f16], out: &mut [f32]) {
-    let hd = acc.len();
-    acc.fill(f16::ZERO);
-    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
-    for (&raw, v) in scores.iter().zip(values.chunks_exact(hd)) {
-        // The mask adds +0.0 at every visible position.
-        let s = raw * scale + 0.0;
-        let (mut ms, mut vs) = (1f32, 1f32);
-        if s > m {
-            let old = m;
-            m = s;
-            ms = (old - m).exp();
-            ggml::vec_scale_f16(acc, ms);
-        } else {
-            vs = (s - m).exp();
-        }
-        ggml::vec_mad_f16(acc, v, vs);
-        sum = update_sum(sum, ms, vs);
-    }
-    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for (o, a) in out.iter_mut().zip(acc.iter()) {
-        *o = a.to_f32() * inv;
-    }
-}
-
-/// `S·ms + w` as ggml's build rounds it: GCC contracts it into one FMA when FMA is available.
-#[cfg(target_feature = "fma")]
-#[inline(always)]
-fn update_sum(s: f32, ms: f32, w: f32) -> f32 {
-    s.mul_add(ms, w)
-}
-
-#[cfg(not(target_feature = "fma"))]
-#[inline(always)]
-fn update_sum(s: f32, ms: f32, w: f32) -> f32 {
-    s * ms + w
-}
 
 /// One attention worker's buffers.
 pub struct AttnScratch {
@@ -205,7 +34,9 @@ pub struct AttnScratch {
     /// Keys of the KV head last used, widened to f32 and transposed: `[head_dim, stride]`,
     /// `stride` = positions rounded up to `QK_BLOCK` (scores past a row's position are unused).
     keys_t: Vec<f32>,
+    /// The KV head whose keys `keys_t` holds.
     loaded: Option<usize>,
+    /// Raw q·k of one (head, row) `[n_ctx rounded up to QK_BLOCK]`.
     scores: Vec<f32>,
     /// The f16 value accumulator `[head_dim]`.
     acc: Vec<f16>,
@@ -309,7 +140,7 @@ impl Llama<'_> {
                         }
                     }
                 }
-                softmax_values(
+                order::softmax_values(
                     &sc.scores[..n],
                     scale,
                     cache.values(l, kvh, n),
@@ -319,19 +150,5 @@ impl Llama<'_> {
             }
         };
         par_split(out, &mut scratch[..splits], &bounds[..=splits], hd, &run);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blocked_scores_reproduce_ggml_f16_dot() {
-        crate::ggml::init();
-        let order = dot_order();
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        assert_eq!(order, DotOrder::Lanes16, "AVX-512 build of ggml");
-        assert!(mirrors_ggml(order, &F16Dot::get()));
     }
 }

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::attention::AttnScratch;
 use super::{KvCache, Llama};
+use crate::ggml::order::rms_norm;
 use crate::ggml::{self, Kernels};
 use crate::skip::Controller;
 use crate::tensor::{self, act_row_bytes, matmul_group, Matrix, MAX_SPLITS};
@@ -141,17 +142,6 @@ impl Scratch {
     /// Logits of the last row of the latest `Logits::Last` call.
     pub fn last_logits(&self) -> &[f32] {
         &self.logits
-    }
-}
-
-/// `out = x / sqrt(mean(x²) + eps) * w` as ggml computes it (f32 squares summed in f64, then
-/// scale, then w).
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
-    let mean = (sum / x.len() as f64) as f32;
-    let scale = 1.0 / (mean + eps).sqrt();
-    for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
-        *o = (xv * scale) * wv;
     }
 }
 

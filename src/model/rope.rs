@@ -1,8 +1,10 @@
-//! Rotary position embedding, "normal" mode (adjacent pairs), computed as ggml's
-//! `ggml_rope_cache_init` does: θ starts at the position and is multiplied by
-//! `base^(-2/rope_dim)` per pair, in f32, so our angles match llama.cpp's bit for bit.
+//! Rotary position embedding, "normal" mode (adjacent pairs). Angles are computed as
+//! `ops.cpp: ggml_rope_cache_init` does: θ starts at the position and is multiplied by
+//! `base^(-2/rope_dim)` per pair, in f32, so our angles match llama.cpp's bit for bit; each pair
+//! is rotated by `ggml::order::rope_rotate` (`ops.cpp: rotate_pairs`).
 
 use super::config::{LlamaConfig, RopeScaling};
+use crate::ggml::order::rope_rotate;
 
 pub struct Rope {
     rope_dim: usize,
@@ -42,23 +44,8 @@ impl Rope {
             for i in 0..self.rope_dim / 2 {
                 let (c, s) = (cs[2 * i], cs[2 * i + 1]);
                 let (x0, x1) = (head[2 * i], head[2 * i + 1]);
-                (head[2 * i], head[2 * i + 1]) = rotate(x0, x1, c, s);
+                (head[2 * i], head[2 * i + 1]) = rope_rotate(x0, x1, c, s);
             }
         }
     }
-}
-
-/// `(x0·cos − x1·sin, x0·sin + x1·cos)` rounded as ggml's `rotate_pairs` is when GCC contracts
-/// it (the default `-ffp-contract=fast` with FMA available): x0's product fused, x1's rounded.
-#[cfg(target_feature = "fma")]
-#[inline(always)]
-fn rotate(x0: f32, x1: f32, c: f32, s: f32) -> (f32, f32) {
-    (x0.mul_add(c, -(x1 * s)), x0.mul_add(s, x1 * c))
-}
-
-/// Without FMA ggml's build cannot contract either, so both products are rounded.
-#[cfg(not(target_feature = "fma"))]
-#[inline(always)]
-fn rotate(x0: f32, x1: f32, c: f32, s: f32) -> (f32, f32) {
-    (x0 * c - x1 * s, x0 * s + x1 * c)
 }

@@ -2,8 +2,14 @@
 //! quantization, dequantization), its quantizer, and its CPU feature report, from the ggml
 //! statically linked by `llama-cpp-sys-2`. Everything here is exposed through safe functions
 //! that check slice lengths against the type's block geometry before calling into C.
+//!
+//! `order` holds the Rust copies of ggml's summation and rounding orders (some with SIMD
+//! intrinsics). This module tree is the only place `unsafe` is allowed (the crate denies it),
+//! besides the mmap in `gguf::reader`; every `unsafe` block carries a SAFETY comment.
+#![allow(unsafe_code)]
 
-use std::ffi::CStr;
+pub mod order;
+
 use std::sync::OnceLock;
 
 use llama_cpp_sys_2 as sys;
@@ -93,45 +99,6 @@ impl Kernels {
             // for n elements (checked above); n is a multiple of the block size.
             Some(f) => unsafe { f(x.as_ptr(), out.as_mut_ptr().cast(), n as i64) },
             None => panic!("ggml has no from_float for {}", self.vec_dot_type),
-        }
-    }
-
-    /// Dot products of consecutive weight rows with one quantized activation row:
-    /// `out[i] = dot(rows[i], act)`. `rows` holds `out.len()` rows of `n` elements of `ty`;
-    /// `act` is one row of `n` elements of `vec_dot_type`.
-    #[inline]
-    pub fn dot_rows(&self, n: usize, rows: &[u8], act: &[u8], out: &mut [f32]) {
-        let row_bytes = (n as u64 / self.ty.block_size() * self.ty.block_bytes()) as usize;
-        assert!(
-            (n as u64).is_multiple_of(self.ty.block_size())
-                && (n as u64).is_multiple_of(self.vec_dot_type.block_size())
-        );
-        assert_eq!(
-            rows.len(),
-            row_bytes * out.len(),
-            "weight rows for {}",
-            self.ty
-        );
-        assert_eq!(
-            act.len() as u64,
-            n as u64 / self.vec_dot_type.block_size() * self.vec_dot_type.block_bytes()
-        );
-        for (i, o) in out.iter_mut().enumerate() {
-            // SAFETY: row i lies at [i*row_bytes, (i+1)*row_bytes) inside `rows` and `act`
-            // holds a full row of n elements of vec_dot_type (both checked above); nrc = 1
-            // is valid for every type (ggml's mul_mat falls back to it for odd shapes).
-            unsafe {
-                (self.vec_dot)(
-                    n as i32,
-                    o,
-                    0,
-                    rows.as_ptr().add(i * row_bytes).cast(),
-                    0,
-                    act.as_ptr().cast(),
-                    0,
-                    1,
-                )
-            }
         }
     }
 
@@ -346,18 +313,6 @@ pub fn cpu_features() -> Vec<&'static str> {
         .collect()
 }
 
-/// llama.cpp's own system-info line (what the peer in benchmarks was built with).
-pub fn llama_system_info() -> String {
-    // SAFETY: returns a pointer to a static NUL-terminated buffer owned by llama.cpp.
-    unsafe {
-        let p = sys::llama_print_system_info();
-        if p.is_null() {
-            return String::new();
-        }
-        CStr::from_ptr(p).to_string_lossy().into_owned()
-    }
-}
-
 /// ggml's f16 dot product (`ggml_vec_dot_f16`: f16 inputs, f32 accumulation), the kernel
 /// llama.cpp uses for q·k and p·v in attention.
 #[derive(Clone, Copy)]
@@ -418,66 +373,5 @@ pub fn swiglu(x: &[f32], g: &[f32], y: &mut [f32]) {
                 g.as_ptr(),
             )
         }
-    }
-}
-
-/// `y = f16(y + x·v)` element-wise, fused multiply-add in f32 and one rounding to f16 per element:
-/// ggml's `ggml_vec_mad_f16` (an inline function in vec.h, not exported), as flash attention
-/// accumulates softmax-weighted values. ggml's SIMD and its scalar tail (which GCC contracts
-/// into an FMA) round identically, so the vector width here does not change the bits: 8 F16C
-/// lanes (16-lane AVX-512 measured no faster for head-sized rows), then scalar.
-pub fn vec_mad_f16(y: &mut [half::f16], x: &[half::f16], v: f32) {
-    assert_eq!(y.len(), x.len());
-    let n = y.len();
-    let mut i = 0;
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "f16c",
-        target_feature = "fma"
-    ))]
-    {
-        use std::arch::x86_64::*;
-        // SAFETY: the feature this needs is enabled at compile time (the cfg above).
-        let vv = unsafe { _mm256_set1_ps(v) };
-        while i + 8 <= n {
-            // SAFETY: i + 8 ≤ n, so each 16-byte load/store stays inside the slices; f16c and
-            // fma are enabled at compile time.
-            unsafe {
-                let py = y.as_mut_ptr().add(i).cast::<__m128i>();
-                let px = x.as_ptr().add(i).cast::<__m128i>();
-                let ay = _mm256_cvtph_ps(_mm_loadu_si128(py));
-                let ax = _mm256_cvtph_ps(_mm_loadu_si128(px));
-                let r = _mm256_fmadd_ps(ax, vv, ay);
-                _mm_storeu_si128(py, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
-            }
-            i += 8;
-        }
-    }
-    for (a, &b) in y[i..].iter_mut().zip(&x[i..]) {
-        *a = half::f16::from_f32(b.to_f32().mul_add(v, a.to_f32()));
-    }
-}
-
-/// `y = f16(y·v)` element-wise: ggml's `ggml_vec_scale_f16` (inline in vec.h).
-pub fn vec_scale_f16(y: &mut [half::f16], v: f32) {
-    let n = y.len();
-    let mut i = 0;
-    #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
-    {
-        use std::arch::x86_64::*;
-        // SAFETY: the feature this needs is enabled at compile time (the cfg above).
-        let vv = unsafe { _mm256_set1_ps(v) };
-        while i + 8 <= n {
-            // SAFETY: i + 8 ≤ n, so the 16-byte load/store stays inside `y`.
-            unsafe {
-                let py = y.as_mut_ptr().add(i).cast::<__m128i>();
-                let r = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(py)), vv);
-                _mm_storeu_si128(py, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
-            }
-            i += 8;
-        }
-    }
-    for a in &mut y[i..] {
-        *a = half::f16::from_f32(a.to_f32() * v);
     }
 }

@@ -1,0 +1,318 @@
+//! ggml's summation and rounding orders, copied into Rust: the float steps of llama.cpp's CPU
+//! graph that ffnskip computes itself rather than by calling ggml, each in exactly the order
+//! (and with exactly the fused multiply-adds) of the ggml function it mirrors, so the forward
+//! pass reproduces llama.cpp's logits bit for bit. Changing any of them changes the bits; the
+//! parity tests (`tests/llama_parity.rs`, `tests/stories260k.rs`) and the kernel tests catch it.
+//!
+//! Sources cited as `file: function` are in the ggml that `llama-cpp-sys-2` 0.1.160 vendors,
+//! `llama.cpp/ggml/src/ggml-cpu/`. Where ggml's C relies on GCC contracting `a*b + c` into an
+//! FMA (`-ffp-contract=fast`, the default, whenever FMA is enabled), the copy uses `mul_add`
+//! under `cfg(target_feature = "fma")`.
+
+use std::sync::OnceLock;
+
+use half::f16;
+
+use super::F16Dot;
+
+/// `out = x / sqrt(mean(x²) + eps) * w` (every slice `[n_embd]`): f32 squares summed in f64
+/// (`ggml_float`), mean and scale in f32, then `x·scale`, then `·w` (the separate `GGML_OP_MUL`
+/// with the norm weight that llama.cpp's graph applies after `ggml_rms_norm`).
+///
+/// Mirrors `ops.cpp: ggml_compute_forward_rms_norm_f32` and `vec.h: ggml_vec_scale_f32`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
+        *o = (xv * scale) * wv;
+    }
+}
+
+/// One RoPE rotation of the pair `(x0, x1)` by the angle with cosine `c` and sine `s`:
+/// `(x0·c − x1·s, x0·s + x1·c)`, x0's product fused, x1's rounded, as GCC contracts
+/// `ops.cpp: rotate_pairs` with FMA available.
+#[cfg(target_feature = "fma")]
+#[inline(always)]
+pub fn rope_rotate(x0: f32, x1: f32, c: f32, s: f32) -> (f32, f32) {
+    (x0.mul_add(c, -(x1 * s)), x0.mul_add(s, x1 * c))
+}
+
+/// Without FMA ggml's build cannot contract either, so both products are rounded.
+#[cfg(not(target_feature = "fma"))]
+#[inline(always)]
+pub fn rope_rotate(x0: f32, x1: f32, c: f32, s: f32) -> (f32, f32) {
+    (x0 * c - x1 * s, x0 * s + x1 * c)
+}
+
+/// Keys scored at once by [`score_block`] (across keys the sums vectorise with no horizontal
+/// adds).
+pub const QK_BLOCK: usize = 64;
+
+/// Summation order of the linked ggml's `ggml_vec_dot_f16`, found by comparing against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DotOrder {
+    /// AVX-512: four accumulators of 16 lanes (64 elements per step), lanes summed as GCC's
+    /// `_mm512_reduce_add_ps` does (halves, then halves of those).
+    Lanes16,
+    /// AVX/AVX2: four accumulators of 8 lanes (32 per step), lanes summed by two `hadd`s.
+    Lanes8,
+    /// Call ggml's kernel once per key: the fallback when neither order matches, and the
+    /// faster route when few rows share a KV head (decode).
+    Call,
+}
+
+/// The order that reproduces the linked ggml's f16 dot bit for bit (decided once).
+pub fn dot_order() -> DotOrder {
+    static ORDER: OnceLock<DotOrder> = OnceLock::new();
+    *ORDER.get_or_init(|| {
+        let f16dot = F16Dot::get();
+        [DotOrder::Lanes16, DotOrder::Lanes8]
+            .into_iter()
+            .find(|&o| mirrors_ggml(o, &f16dot))
+            .unwrap_or(DotOrder::Call)
+    })
+}
+
+/// Whether `order` gives ggml's bits on pseudo-random keys and queries of several head sizes
+/// (multiples of both step widths and lengths with a scalar tail).
+fn mirrors_ggml(order: DotOrder, f16dot: &F16Dot) -> bool {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        f16::from_f32(((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0)
+    };
+    for hd in [64, 128, 80, 8] {
+        let q16: Vec<f16> = (0..hd).map(|_| rand()).collect();
+        let keys: Vec<f16> = (0..hd * QK_BLOCK).map(|_| rand()).collect();
+        let q: Vec<f32> = q16.iter().map(|x| x.to_f32()).collect();
+        let mut kt = vec![0f32; hd * QK_BLOCK];
+        for (j, k) in keys.chunks_exact(hd).enumerate() {
+            for (d, x) in k.iter().enumerate() {
+                kt[d * QK_BLOCK + j] = x.to_f32();
+            }
+        }
+        let mut ours = [0f32; QK_BLOCK];
+        match order {
+            DotOrder::Lanes16 => score_block::<16>(&q, &kt, QK_BLOCK, &mut ours),
+            DotOrder::Lanes8 => score_block::<8>(&q, &kt, QK_BLOCK, &mut ours),
+            DotOrder::Call => return true,
+        }
+        for (j, k) in keys.chunks_exact(hd).enumerate() {
+            if f16dot.dot(k, &q16).to_bits() != ours[j].to_bits() {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// `out[j] = Σ_d q[d]·k_j[d]` for the `QK_BLOCK` keys whose values sit transposed in `kt`
+/// (`kt[d * stride + j]`, f16 values widened to f32; `q` `[head_dim]`, f16 widened), summed in
+/// the order of ggml's f16 dot with `EPR`-lane vectors: per lane, four FMA chains over steps of
+/// `4·EPR` elements, combined (0+2)+(1+3), the lanes reduced pairwise, and the tail past the
+/// last whole step added in f64.
+///
+/// Mirrors `vec.cpp: ggml_vec_dot_f16` (the `GGML_SIMD` branch) with the reductions of
+/// `simd-mappings.h: GGML_F32x16_REDUCE` (AVX-512, `EPR` = 16) and `GGML_F32x8_REDUCE`
+/// (AVX, `EPR` = 8), via `GGML_F16_VEC_REDUCE`.
+pub fn score_block<const EPR: usize>(
+    q: &[f32],
+    kt: &[f32],
+    stride: usize,
+    out: &mut [f32; QK_BLOCK],
+) {
+    let hd = q.len();
+    let step = 4 * EPR;
+    let np = hd - hd % step;
+    let mut lanes = [[0f32; QK_BLOCK]; EPR];
+    for (j, lane) in lanes.iter_mut().enumerate() {
+        let mut acc = [[0f32; QK_BLOCK]; 4];
+        for t in (0..np).step_by(step) {
+            for (c, a) in acc.iter_mut().enumerate() {
+                let d = t + c * EPR + j;
+                let qd = q[d];
+                for (x, &k) in a.iter_mut().zip(&kt[d * stride..d * stride + QK_BLOCK]) {
+                    *x = k.mul_add(qd, *x);
+                }
+            }
+        }
+        for (i, l) in lane.iter_mut().enumerate() {
+            *l = (acc[0][i] + acc[2][i]) + (acc[1][i] + acc[3][i]);
+        }
+    }
+    match EPR {
+        16 => {
+            // _mm512_reduce_add_ps: upper 256 + lower 256, upper 128 + lower 128, then
+            // lanes (0+2) + (1+3).
+            let mut t = [[0f32; QK_BLOCK]; 8];
+            for (k, tk) in t.iter_mut().enumerate() {
+                for (i, x) in tk.iter_mut().enumerate() {
+                    *x = lanes[8 + k][i] + lanes[k][i];
+                }
+            }
+            for (i, o) in out.iter_mut().enumerate() {
+                let u = [
+                    t[4][i] + t[0][i],
+                    t[5][i] + t[1][i],
+                    t[6][i] + t[2][i],
+                    t[7][i] + t[3][i],
+                ];
+                *o = (u[0] + u[2]) + (u[1] + u[3]);
+            }
+        }
+        8 => {
+            // lower 128 + upper 128, then two _mm_hadd_ps: (0+1) + (2+3).
+            for (i, o) in out.iter_mut().enumerate() {
+                let u = [
+                    lanes[0][i] + lanes[4][i],
+                    lanes[1][i] + lanes[5][i],
+                    lanes[2][i] + lanes[6][i],
+                    lanes[3][i] + lanes[7][i],
+                ];
+                *o = (u[0] + u[1]) + (u[2] + u[3]);
+            }
+        }
+        _ => unreachable!("ggml's f16 vectors have 8 or 16 lanes"),
+    }
+    if np < hd {
+        for (i, o) in out.iter_mut().enumerate() {
+            let mut s = f64::from(*o);
+            for (d, &qd) in q.iter().enumerate().skip(np) {
+                s += f64::from(qd * kt[d * stride + i]);
+            }
+            *o = s as f32;
+        }
+    }
+}
+
+/// Online softmax over `scores` (raw q·k, in position order, all visible) and the weighted sum
+/// of `values` (`[n, head_dim]` f16) into `out` (`[head_dim]` f32), with the f16 value
+/// accumulator `acc` (`[head_dim]`):
+///
+///   s = raw·scale + 0 (mask); on a new maximum M: ms = e^(M_old − M), A ← f16(A·ms);
+///   otherwise vs = e^(s − M); A ← f16(A + v·vs); S ← S·ms + vs; out = f32(A)·(1/S)
+///
+/// with libm's `expf`. Mirrors the F16-value branch of
+/// `ops.cpp: ggml_compute_forward_flash_attn_ext_f16_one_chunk`.
+pub fn softmax_values(
+    scores: &[f32],
+    scale: f32,
+    values: &[f16],
+    acc: &mut [f16],
+    out: &mut [f32],
+) {
+    let hd = acc.len();
+    acc.fill(f16::ZERO);
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for (&raw, v) in scores.iter().zip(values.chunks_exact(hd)) {
+        // The mask adds +0.0 at every visible position.
+        let s = raw * scale + 0.0;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > m {
+            let old = m;
+            m = s;
+            ms = (old - m).exp();
+            vec_scale_f16(acc, ms);
+        } else {
+            vs = (s - m).exp();
+        }
+        vec_mad_f16(acc, v, vs);
+        sum = softmax_sum(sum, ms, vs);
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = a.to_f32() * inv;
+    }
+}
+
+/// `S·ms + vs`, the running softmax sum of `ggml_compute_forward_flash_attn_ext_f16_one_chunk`,
+/// as GCC contracts it into one FMA when FMA is available.
+#[cfg(target_feature = "fma")]
+#[inline(always)]
+fn softmax_sum(s: f32, ms: f32, vs: f32) -> f32 {
+    s.mul_add(ms, vs)
+}
+
+#[cfg(not(target_feature = "fma"))]
+#[inline(always)]
+fn softmax_sum(s: f32, ms: f32, vs: f32) -> f32 {
+    s * ms + vs
+}
+
+/// `y = f16(y + x·v)` element-wise, fused multiply-add in f32 and one rounding to f16 per element,
+/// as flash attention accumulates softmax-weighted values. Mirrors `vec.h: ggml_vec_mad_f16`
+/// (inline in the header, so not exported). ggml's SIMD and its scalar tail (which GCC contracts
+/// into an FMA) round identically, so the vector width here does not change the bits: 8 F16C
+/// lanes (16-lane AVX-512 measured no faster for head-sized rows), then scalar.
+pub fn vec_mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+    assert_eq!(y.len(), x.len());
+    let n = y.len();
+    let mut i = 0;
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "f16c",
+        target_feature = "fma"
+    ))]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: the feature this needs is enabled at compile time (the cfg above).
+        let vv = unsafe { _mm256_set1_ps(v) };
+        while i + 8 <= n {
+            // SAFETY: i + 8 ≤ n, so each 16-byte load/store stays inside the slices; f16c and
+            // fma are enabled at compile time.
+            unsafe {
+                let py = y.as_mut_ptr().add(i).cast::<__m128i>();
+                let px = x.as_ptr().add(i).cast::<__m128i>();
+                let ay = _mm256_cvtph_ps(_mm_loadu_si128(py));
+                let ax = _mm256_cvtph_ps(_mm_loadu_si128(px));
+                let r = _mm256_fmadd_ps(ax, vv, ay);
+                _mm_storeu_si128(py, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
+            }
+            i += 8;
+        }
+    }
+    for (a, &b) in y[i..].iter_mut().zip(&x[i..]) {
+        *a = f16::from_f32(b.to_f32().mul_add(v, a.to_f32()));
+    }
+}
+
+/// `y = f16(y·v)` element-wise. Mirrors `vec.h: ggml_vec_scale_f16` (inline in the header).
+pub fn vec_scale_f16(y: &mut [f16], v: f32) {
+    let n = y.len();
+    let mut i = 0;
+    #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: the feature this needs is enabled at compile time (the cfg above).
+        let vv = unsafe { _mm256_set1_ps(v) };
+        while i + 8 <= n {
+            // SAFETY: i + 8 ≤ n, so the 16-byte load/store stays inside `y`.
+            unsafe {
+                let py = y.as_mut_ptr().add(i).cast::<__m128i>();
+                let r = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(py)), vv);
+                _mm_storeu_si128(py, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
+            }
+            i += 8;
+        }
+    }
+    for a in &mut y[i..] {
+        *a = f16::from_f32(a.to_f32() * v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocked_scores_reproduce_ggml_f16_dot() {
+        super::super::init();
+        let order = dot_order();
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        assert_eq!(order, DotOrder::Lanes16, "AVX-512 build of ggml");
+        assert!(mirrors_ggml(order, &F16Dot::get()));
+    }
+}
