@@ -293,8 +293,47 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Reads and validates the whole header of `buf` (the complete file): the preamble, the
+/// metadata, the tensor infos, and where the tensors lie in the data section.
 fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
     let mut c = Cursor { buf, pos: 0 };
+    let Preamble {
+        version,
+        n_tensors,
+        n_kv,
+    } = read_preamble(&mut c)?;
+    let (metadata, key_index) = read_metadata(&mut c, n_kv)?;
+    let alignment = alignment(&metadata, &key_index)?;
+    let (tensors, tensor_index) = read_tensor_infos(&mut c, n_tensors, alignment)?;
+
+    // The data section starts at the first multiple of the alignment after the header.
+    let header_end = c.pos as u64;
+    let data_offset = header_end.div_ceil(alignment) * alignment;
+    let data_size = (buf.len() as u64).saturating_sub(data_offset);
+    check_placement(&tensors, data_size)?;
+
+    Ok(Header {
+        version,
+        alignment,
+        data_offset,
+        metadata,
+        key_index,
+        tensors,
+        tensor_index,
+    })
+}
+
+/// The fixed-size start of a GGUF file (24 bytes).
+struct Preamble {
+    version: u32,
+    /// Tensor infos that follow the metadata (not yet checked against the file size).
+    n_tensors: u64,
+    /// Metadata key/value pairs (checked against the bytes that remain).
+    n_kv: u64,
+}
+
+/// Magic "GGUF", u32 version (2 or 3), u64 tensor count, u64 metadata key/value count.
+fn read_preamble(c: &mut Cursor<'_>) -> Result<Preamble, ErrorKind> {
     let magic = c.array::<4>(&|| "magic".into())?;
     if &magic != MAGIC {
         return Err(ErrorKind::BadMagic {
@@ -317,9 +356,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
     }
     let n_tensors = c.u64(&|| "tensor count".into())?;
     let n_kv = c.u64(&|| "metadata key/value count".into())?;
-
-    // A key/value pair takes at least 8 (key length) + 4 (type) + 1 bytes.
-    let max_kv = c.remaining() / 13;
+    let max_kv = c.remaining() / MIN_KV_BYTES;
     if n_kv > max_kv {
         return Err(ErrorKind::AbsurdCount {
             what: "metadata key/value count".into(),
@@ -327,6 +364,24 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
             max: max_kv,
         });
     }
+    Ok(Preamble {
+        version,
+        n_tensors,
+        n_kv,
+    })
+}
+
+/// Smallest metadata pair: 8 (key length) + 4 (value type) + 1 (a u8 value) bytes.
+const MIN_KV_BYTES: u64 = 13;
+/// Smallest tensor info: 8 (name length) + 4 (n_dims) + 8 (ne[0]) + 4 (type) + 8 (offset).
+const MIN_TENSOR_INFO_BYTES: u64 = 32;
+
+/// `n_kv` × (string key, u32 value type, value), in file order, and key → index.
+/// Keys must be non-empty and unique.
+fn read_metadata(
+    c: &mut Cursor<'_>,
+    n_kv: u64,
+) -> Result<(Vec<(String, Value)>, HashMap<String, usize>), ErrorKind> {
     let mut metadata = Vec::with_capacity(n_kv.min(PREALLOC_MAX) as usize);
     let mut key_index = HashMap::with_capacity(n_kv.min(PREALLOC_MAX) as usize);
     for i in 0..n_kv {
@@ -345,25 +400,36 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
         }
         metadata.push((key, value));
     }
+    Ok((metadata, key_index))
+}
 
-    let alignment = match key_index.get("general.alignment").map(|&i| &metadata[i].1) {
-        None => DEFAULT_ALIGNMENT,
+/// `general.alignment` in bytes: a power-of-two u32, [`DEFAULT_ALIGNMENT`] when absent.
+fn alignment(
+    metadata: &[(String, Value)],
+    key_index: &HashMap<String, usize>,
+) -> Result<u64, ErrorKind> {
+    match key_index.get("general.alignment").map(|&i| &metadata[i].1) {
+        None => Ok(DEFAULT_ALIGNMENT),
         Some(Value::U32(a)) => {
             let a = u64::from(*a);
             if !a.is_power_of_two() {
                 return Err(ErrorKind::BadAlignment { found: a });
             }
-            a
+            Ok(a)
         }
-        Some(other) => {
-            return Err(ErrorKind::AlignmentType {
-                found: other.type_desc(),
-            })
-        }
-    };
+        Some(other) => Err(ErrorKind::AlignmentType {
+            found: other.type_desc(),
+        }),
+    }
+}
 
-    // A tensor info takes at least 8 (name length) + 4 (n_dims) + 8 (ne[0]) + 4 (type) + 8.
-    let max_tensors = c.remaining() / 32;
+/// `n_tensors` tensor infos in file order, and name → index. Names must be unique.
+fn read_tensor_infos(
+    c: &mut Cursor<'_>,
+    n_tensors: u64,
+    alignment: u64,
+) -> Result<(Vec<TensorInfo>, HashMap<String, usize>), ErrorKind> {
+    let max_tensors = c.remaining() / MIN_TENSOR_INFO_BYTES;
     if n_tensors > max_tensors {
         return Err(ErrorKind::AbsurdCount {
             what: "tensor count".into(),
@@ -374,82 +440,101 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors.min(PREALLOC_MAX) as usize);
     let mut tensor_index = HashMap::with_capacity(n_tensors.min(PREALLOC_MAX) as usize);
     for i in 0..n_tensors {
-        let name = c.string(&|| format!("name of tensor {i}"))?;
-        if name.len() >= MAX_NAME_LEN {
-            return Err(ErrorKind::NameTooLong {
-                len: name.len(),
-                tensor: name,
-                max: MAX_NAME_LEN - 1,
-            });
+        let info = read_tensor_info(c, i, alignment)?;
+        if tensor_index
+            .insert(info.name.clone(), tensors.len())
+            .is_some()
+        {
+            return Err(ErrorKind::DuplicateTensor { tensor: info.name });
         }
-        let n_dims = c.u32(&|| format!("dimension count of tensor '{name}'"))?;
-        if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(ErrorKind::BadDimCount {
-                tensor: name,
-                found: n_dims,
-            });
-        }
-        let mut shape = Vec::with_capacity(n_dims as usize);
-        for d in 0..n_dims {
-            let ne = c.u64(&|| format!("ne[{d}] of tensor '{name}'"))?;
-            if ne == 0 || ne > i64::MAX as u64 {
-                return Err(ErrorKind::BadDim {
-                    tensor: name,
-                    dim: d as usize,
-                    found: ne,
-                    max: i64::MAX as u64,
-                });
-            }
-            shape.push(ne);
-        }
-        let raw_ty = c.u32(&|| format!("type of tensor '{name}'"))?;
-        let ty = GgmlType::from_u32(raw_ty).ok_or_else(|| ErrorKind::UnknownTensorType {
-            tensor: name.clone(),
-            found: raw_ty,
-        })?;
-        let offset = c.u64(&|| format!("data offset of tensor '{name}'"))?;
-        if shape[0] % ty.block_size() != 0 {
-            return Err(ErrorKind::NotBlockMultiple {
-                tensor: name,
-                ty,
-                ne0: shape[0],
-                block: ty.block_size(),
-            });
-        }
-        // Bytes = elements / block size × block bytes (exact: ne[0] is a whole number of blocks).
-        let n_bytes = shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .filter(|&n| n <= i64::MAX as u64)
-            .and_then(|n| (n / ty.block_size()).checked_mul(ty.block_bytes()));
-        let Some(n_bytes) = n_bytes else {
-            return Err(ErrorKind::SizeOverflow {
-                tensor: name,
-                shape,
-            });
-        };
-        if offset % alignment != 0 {
-            return Err(ErrorKind::Misaligned {
-                tensor: name,
-                offset,
-                alignment,
-            });
-        }
-        if tensor_index.insert(name.clone(), tensors.len()).is_some() {
-            return Err(ErrorKind::DuplicateTensor { tensor: name });
-        }
-        tensors.push(TensorInfo {
-            name,
-            ty,
-            shape,
-            offset,
-            n_bytes,
+        tensors.push(info);
+    }
+    Ok((tensors, tensor_index))
+}
+
+/// Tensor info number `index`: string name (< [`MAX_NAME_LEN`] bytes), u32 n_dims (1 to
+/// [`MAX_DIMS`]), n_dims × u64 ne (each 1 to i64::MAX), u32 ggml type, u64 data offset
+/// (relative to the data section, a multiple of `alignment`). `ne[0]` must be a whole number
+/// of blocks; the byte size must fit in a u64.
+fn read_tensor_info(
+    c: &mut Cursor<'_>,
+    index: u64,
+    alignment: u64,
+) -> Result<TensorInfo, ErrorKind> {
+    let name = c.string(&|| format!("name of tensor {index}"))?;
+    if name.len() >= MAX_NAME_LEN {
+        return Err(ErrorKind::NameTooLong {
+            len: name.len(),
+            tensor: name,
+            max: MAX_NAME_LEN - 1,
         });
     }
+    let n_dims = c.u32(&|| format!("dimension count of tensor '{name}'"))?;
+    if n_dims == 0 || n_dims > MAX_DIMS {
+        return Err(ErrorKind::BadDimCount {
+            tensor: name,
+            found: n_dims,
+        });
+    }
+    let mut shape = Vec::with_capacity(n_dims as usize);
+    for d in 0..n_dims {
+        let ne = c.u64(&|| format!("ne[{d}] of tensor '{name}'"))?;
+        if ne == 0 || ne > i64::MAX as u64 {
+            return Err(ErrorKind::BadDim {
+                tensor: name,
+                dim: d as usize,
+                found: ne,
+                max: i64::MAX as u64,
+            });
+        }
+        shape.push(ne);
+    }
+    let raw_ty = c.u32(&|| format!("type of tensor '{name}'"))?;
+    let ty = GgmlType::from_u32(raw_ty).ok_or_else(|| ErrorKind::UnknownTensorType {
+        tensor: name.clone(),
+        found: raw_ty,
+    })?;
+    let offset = c.u64(&|| format!("data offset of tensor '{name}'"))?;
+    if shape[0] % ty.block_size() != 0 {
+        return Err(ErrorKind::NotBlockMultiple {
+            tensor: name,
+            ty,
+            ne0: shape[0],
+            block: ty.block_size(),
+        });
+    }
+    // Bytes = elements / block size × block bytes (exact: ne[0] is a whole number of blocks).
+    let n_bytes = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64)
+        .and_then(|n| (n / ty.block_size()).checked_mul(ty.block_bytes()));
+    let Some(n_bytes) = n_bytes else {
+        return Err(ErrorKind::SizeOverflow {
+            tensor: name,
+            shape,
+        });
+    };
+    if offset % alignment != 0 {
+        return Err(ErrorKind::Misaligned {
+            tensor: name,
+            offset,
+            alignment,
+        });
+    }
+    Ok(TensorInfo {
+        name,
+        ty,
+        shape,
+        offset,
+        n_bytes,
+    })
+}
 
-    let header_end = c.pos as u64;
-    let data_offset = header_end.div_ceil(alignment) * alignment;
-    let data_size = (buf.len() as u64).saturating_sub(data_offset);
+/// Every tensor's bytes `[offset, offset + n_bytes)` lie inside the data section of
+/// `data_size` bytes, and no two tensors overlap (checked in offset order, so the first
+/// error is about the lowest offending offset).
+fn check_placement(tensors: &[TensorInfo], data_size: u64) -> Result<(), ErrorKind> {
     let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
     by_offset.sort_by_key(|t| t.offset);
     for t in &by_offset {
@@ -463,6 +548,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
             });
         }
     }
+    // Ends are ≤ data_size from here on, so `offset + n_bytes` cannot overflow.
     for w in by_offset.windows(2) {
         let (a, b) = (w[0], w[1]);
         if a.offset + a.n_bytes > b.offset {
@@ -475,14 +561,5 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
             });
         }
     }
-
-    Ok(Header {
-        version,
-        alignment,
-        data_offset,
-        metadata,
-        key_index,
-        tensors,
-        tensor_index,
-    })
+    Ok(())
 }
