@@ -1,15 +1,19 @@
-//! The forward pass: one function for batched prefill and single-token decode.
+//! The forward pass: one function for batched prefill and single-token decode, in the steps of
+//! llama.cpp's graph (`src/models/llama.cpp: llm_build_llama`), with its tensor names:
 //!
-//! Per layer l (llama.cpp's names for the points in between), unless the controller removes
-//! the layer (`layer_runs`):
-//!   attn_norm → q/k/v (one parallel region) → RoPE → KV cache → attention → attn_output
-//!   `ffn_inp` h = x + attn          ← the [`Controller`] decides per row whether the FFN runs
-//!   ffn_norm → gate/up (one region) → SwiGLU → ffn_down; x' = h + ffn (rows that ran)
+//!   embed   inpL = token_embd[tokens]                                   `[B, n_embd]`
+//!   layer l (unless the controller removes it, `layer_runs`), rows that have not exited:
+//!           attn_norm → Qcur/Kcur/Vcur (one parallel region) → RoPE → KV cache
+//!           → flash attention → attn_output = `attn_out`
+//!           `ffn_inp` = attn_out + inpL     ← the [`Controller`] decides per row: FFN or skip
+//!           ffn_norm → ffn_gate/ffn_up (one region) → SwiGLU → ffn_down = `ffn_out`
+//!           `l_out`   = ffn_out + ffn_inp   (= ffn_inp for rows that skip; the next inpL)
+//!   head    result_norm = output_norm(l_out) → result_output = output · result_norm
+//!
 //! Rows the controller reports as exited (`exited`) only write K/V from their frozen state.
 //! Numerics follow llama.cpp's CPU graph bit for bit: activations quantized to the weight's
-//! `vec_dot_type`, RMS norm summed in f64 over f32 squares, RoPE rotations with the FMAs GCC
-//! forms in ggml's build, f16 KV cache, flash attention as ggml's CPU kernel computes it
-//! (`attention.rs`), and ggml's own SwiGLU.
+//! `vec_dot_type`, f16 KV cache, ggml's own SwiGLU, and ggml's summation orders for RMS norm,
+//! RoPE and flash attention (`ggml::order`, driven from `attention.rs` and `rope.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -64,39 +68,53 @@ pub struct Batch<'t> {
     pub logits: Logits,
 }
 
-/// Preallocated buffers for batches of up to `max_batch` rows (llama2.c's `RunState`).
-/// Nothing is allocated per token once a session runs, except when `Logits::All` is first
-/// asked for a larger batch.
+/// Preallocated buffers for batches of up to `B = max_batch` rows (llama2.c's `RunState`).
+/// Nothing is allocated per call once a session runs; the two `Logits::All` buffers grow once,
+/// the first time a batch that large asks for every row's logits, and are reused after.
+/// Shapes are row-major; `kv_dim = n_head_kv · head_dim`.
 pub struct Scratch {
     max_batch: usize,
+    /// Absolute position of each row of the batch `[B]`.
     positions: Vec<usize>,
-    /// Residual stream `[B, n_embd]`.
+    /// Residual stream `[B, n_embd]`: inpL, then ffn_inp, then l_out (the next layer's inpL).
     x: Vec<f32>,
-    /// Normed input `[B, n_embd]`, reused for the FFN hidden `[B, n_ff]`.
+    /// Normed rows `[B, n_embd]` (attn_norm, ffn_norm, result_norm), reused for the SwiGLU
+    /// output `[B, n_ff]`; sized `[B, max(n_embd, n_ff)]`.
     xn: Vec<f32>,
-    /// Quantized activations, one buffer per distinct `vec_dot_type` in a group.
+    /// Quantized activations, one buffer per distinct `vec_dot_type` in a group of matrices,
+    /// each `[B, row bytes]` bytes (sized for f32 rows of `max(n_embd, n_ff)`, the widest).
     acts: [Vec<u8>; 3],
-    /// Matmul output `[rows, B]`.
+    /// Matmul output `[rows, B]`, output features major; `rows` ≤ max(n_embd + 2·kv_dim, 2·n_ff).
     mm: Vec<f32>,
-    /// FFN gate and up, row-major `[2][B, n_ff]`, for SwiGLU one token row at a time.
+    /// ffn_gate and ffn_up transposed to token rows, `[2][B, n_ff]`, for SwiGLU one row at a time.
     gate_up: Vec<f32>,
+    /// Qcur `[B, n_embd]`; RoPE'd in place and the active rows packed to the front.
     q: Vec<f32>,
+    /// Kcur `[B, kv_dim]`, RoPE'd in place before it is stored.
     k: Vec<f32>,
+    /// Vcur `[B, kv_dim]`.
     v: Vec<f32>,
-    /// Attention output `[B, n_embd]`.
+    /// Attention output, heads merged `[B, n_embd]`: the input of attn_output.
     att: Vec<f32>,
     /// Attention output head-major `[n_head, B, head_dim]`, as the workers write it.
     att_hm: Vec<f32>,
-    /// `ffn_inp` copies of rows whose FFN ran, for observing hooks `[B, n_embd]`.
-    saved: Vec<f32>,
+    /// Copies of the ffn_inp rows whose FFN runs `[B, n_embd]`, for controllers that observe.
+    ffn_inp: Vec<f32>,
+    /// Rows whose FFN runs this layer `[≤ B]`.
     ffn_rows: Vec<usize>,
-    /// Rows that have not exited, and their positions.
+    /// Rows that have not exited `[≤ B]`, and their positions `[≤ B]`.
     active: Vec<usize>,
     act_pos: Vec<usize>,
+    /// RoPE (cos, sin) pairs per row `[B, rope_dim / 2, 2]`.
     rope_cs: Vec<f32>,
+    /// One per attention worker (≤ `MAX_SPLITS`), each sized for `n_ctx` positions.
     attn: Vec<AttnScratch>,
+    /// The last row's logits `[n_vocab]` (`Logits::Last`).
     logits: Vec<f32>,
-    logits_t: Vec<f32>,
+    /// result_output as the product writes it `[n_vocab, n]` (`Logits::All`; grown once).
+    logits_mm: Vec<f32>,
+    /// Every row's logits `[n, n_vocab]` (`Logits::All`; grown once).
+    logits_all: Vec<f32>,
     pub times: StageTimes,
 }
 
@@ -121,7 +139,7 @@ impl Scratch {
             v: vec![0.0; b * c.kv_dim()],
             att: vec![0.0; b * c.n_embd],
             att_hm: vec![0.0; b * c.n_embd],
-            saved: vec![0.0; b * c.n_embd],
+            ffn_inp: vec![0.0; b * c.n_embd],
             ffn_rows: Vec::with_capacity(b),
             active: Vec::with_capacity(b),
             act_pos: Vec::with_capacity(b),
@@ -130,7 +148,8 @@ impl Scratch {
                 .map(|_| AttnScratch::new(c.head_dim, n_ctx))
                 .collect(),
             logits: vec![0.0; c.n_vocab],
-            logits_t: Vec::new(),
+            logits_mm: Vec::new(),
+            logits_all: Vec::new(),
             times: StageTimes::default(),
         }
     }
@@ -143,6 +162,15 @@ impl Scratch {
     pub fn last_logits(&self) -> &[f32] {
         &self.logits
     }
+}
+
+/// `buf[..n]`, growing `buf` first if it is shorter (allocates only the first time a size is
+/// reached; never shrinks).
+fn grown(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
 }
 
 /// Quantizes `batch` rows of `x` (`[batch, n]`) once per distinct `vec_dot_type` among
@@ -188,16 +216,36 @@ impl Llama<'_> {
     /// Runs `batch.tokens` at positions `cache.len ..` through the model, appending their
     /// keys and values to `cache`. Returns the requested logits (`[n_vocab]` for `Last`,
     /// `[batch, n_vocab]` for `All`, empty for `None`).
-    pub fn forward<'s, H: Controller>(
+    pub fn forward<'s, C: Controller>(
         &self,
         cache: &mut KvCache,
         s: &'s mut Scratch,
         batch: &Batch,
-        hook: &mut H,
+        controller: &mut C,
     ) -> Result<&'s [f32], ForwardError> {
-        let c = &self.config;
-        let d = c.n_embd;
-        let tokens = batch.tokens;
+        self.check(cache, s, batch.tokens)?;
+        let pos0 = cache.len;
+        let b = batch.tokens.len();
+        s.positions.clear();
+        s.positions.extend(pos0..pos0 + b);
+        controller.begin(&s.positions, batch.prompt);
+
+        // ---- inpL: token embeddings and the rows' RoPE angles ----
+        self.embed(batch.tokens, s);
+
+        // ---- layers: inpL → attn_out → ffn_inp → ffn_out → l_out ----
+        for l in 0..self.config.n_layer {
+            self.layer(l, cache, s, controller);
+        }
+        controller.end();
+        cache.len = pos0 + b;
+
+        // ---- result_norm → result_output ----
+        Ok(self.head(s, batch.logits))
+    }
+
+    /// The errors a batch can have before anything is computed.
+    fn check(&self, cache: &KvCache, s: &Scratch, tokens: &[u32]) -> Result<(), ForwardError> {
         let b = tokens.len();
         if b == 0 {
             return Err(ForwardError::Empty);
@@ -208,172 +256,145 @@ impl Llama<'_> {
                 max: s.max_batch,
             });
         }
-        let pos0 = cache.len;
-        if pos0 + b > cache.n_ctx {
+        if cache.len + b > cache.n_ctx {
             return Err(ForwardError::ContextFull {
-                need: pos0 + b,
+                need: cache.len + b,
                 n_ctx: cache.n_ctx,
             });
         }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-            return Err(ForwardError::BadToken {
-                id,
-                n_vocab: c.n_vocab,
-            });
+        let n_vocab = self.config.n_vocab;
+        match tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            Some(&id) => Err(ForwardError::BadToken { id, n_vocab }),
+            None => Ok(()),
         }
-        s.positions.clear();
-        s.positions.extend(pos0..pos0 + b);
-        hook.begin(&s.positions, batch.prompt);
-
-        for (row, &t) in s.x.chunks_exact_mut(d).zip(tokens) {
-            self.weights
-                .token_embd
-                .kernels()
-                .dequantize_row(self.weights.token_embd.row(t as usize), row);
-        }
-        for (i, &p) in s.positions.iter().enumerate() {
-            self.rope
-                .angles(p, &mut s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim]);
-        }
-
-        for l in 0..c.n_layer {
-            if !hook.layer_runs(l) {
-                continue;
-            }
-            if hook.observes_layers() {
-                for (i, xr) in s.x[..b * d].chunks_exact(d).enumerate() {
-                    hook.layer_input(l, i, xr);
-                }
-            }
-            // Rows that have not exited (early exit); all rows in the plain model.
-            s.active.clear();
-            s.act_pos.clear();
-            for i in 0..b {
-                if !hook.exited(l, i) {
-                    s.active.push(i);
-                    s.act_pos.push(s.positions[i]);
-                }
-            }
-            let t0 = Instant::now();
-            self.attention_block(l, cache, s);
-            let t1 = Instant::now();
-            s.times.attention += t1 - t0;
-            if s.active.is_empty() {
-                continue;
-            }
-
-            // ---- ffn_inp: the controller decides per row ----
-            s.ffn_rows.clear();
-            for &i in &s.active {
-                if hook.run_ffn(l, i, &s.x[i * d..(i + 1) * d]) {
-                    s.ffn_rows.push(i);
-                }
-            }
-            if s.ffn_rows.is_empty() {
-                continue;
-            }
-            self.ffn_block(l, s, hook);
-            s.times.ffn += t1.elapsed();
-        }
-        hook.end();
-        cache.len = pos0 + b;
-
-        // ---- head ----
-        let t0 = Instant::now();
-        let (first, n) = match batch.logits {
-            Logits::None => return Ok(&[]),
-            Logits::Last => (b - 1, 1),
-            Logits::All => (0, b),
-        };
-        for j in 0..n {
-            let i = first + j;
-            rms_norm(
-                &s.x[i * d..(i + 1) * d],
-                &self.weights.output_norm,
-                c.rms_eps,
-                &mut s.xn[j * d..(j + 1) * d],
-            );
-        }
-        let out = &self.weights.output;
-        let slots = quantize_for(&[out], &s.xn[..n * d], d, n, &mut s.acts);
-        let nv = c.n_vocab;
-        let logits: &[f32] = if n == 1 {
-            matmul_group(&[(out, &s.acts[slots[0]][..])], 1, &mut s.logits);
-            &s.logits
-        } else {
-            s.logits_t.resize(nv * n, 0.0);
-            let mut all = std::mem::take(&mut s.logits_t);
-            matmul_group(&[(out, &s.acts[slots[0]][..])], n, &mut all);
-            // Reuse `logits_t` for the transposed result; keep the product in a second buffer.
-            let mut dst = vec![0.0; nv * n];
-            tensor::transpose(&all, nv, n, &mut dst);
-            s.logits_t = dst;
-            &s.logits_t
-        };
-        s.times.head += t0.elapsed();
-        Ok(logits)
     }
 
-    /// Attention half of layer `l` for the rows of `s.positions`: `attn_norm`, q/k/v in one
-    /// parallel region, RoPE, K/V into the cache for every row, then attention, `attn_output`
-    /// and the residual add for the rows in `s.active` only (exited rows keep their state).
+    /// `inpL`: the embedding row of each token into `s.x` (`[B, n_embd]`), and the RoPE angles
+    /// of each row's position into `s.rope_cs` (`[B, rope_dim]`).
+    fn embed(&self, tokens: &[u32], s: &mut Scratch) {
+        let (d, rd) = (self.config.n_embd, self.config.rope_dim);
+        let table = &self.weights.token_embd;
+        for (row, &t) in s.x.chunks_exact_mut(d).zip(tokens) {
+            table.kernels().dequantize_row(table.row(t as usize), row);
+        }
+        for (i, &p) in s.positions.iter().enumerate() {
+            self.rope.angles(p, &mut s.rope_cs[i * rd..(i + 1) * rd]);
+        }
+    }
+
+    /// Layer `l` for every row of the batch, `s.x` from inpL to l_out. The controller may
+    /// remove the whole layer, freeze rows that exited, and skip the FFN per row.
+    fn layer<C: Controller>(
+        &self,
+        l: usize,
+        cache: &mut KvCache,
+        s: &mut Scratch,
+        controller: &mut C,
+    ) {
+        let d = self.config.n_embd;
+        let b = s.positions.len();
+        if !controller.layer_runs(l) {
+            return;
+        }
+        if controller.observes_layers() {
+            for (i, inp_l) in s.x[..b * d].chunks_exact(d).enumerate() {
+                controller.layer_input(l, i, inp_l);
+            }
+        }
+        // Rows that have not exited (early exit); all rows in the plain model.
+        s.active.clear();
+        s.act_pos.clear();
+        for i in 0..b {
+            if !controller.exited(l, i) {
+                s.active.push(i);
+                s.act_pos.push(s.positions[i]);
+            }
+        }
+
+        // ---- attn_norm → Qcur/Kcur/Vcur → RoPE → KV cache → attn_out; ffn_inp ----
+        let t0 = Instant::now();
+        self.attention_block(l, cache, s);
+        let t1 = Instant::now();
+        s.times.attention += t1 - t0;
+        if s.active.is_empty() {
+            return;
+        }
+
+        // ---- ffn_inp: the controller decides per row whether the FFN runs ----
+        s.ffn_rows.clear();
+        for &i in &s.active {
+            if controller.run_ffn(l, i, &s.x[i * d..(i + 1) * d]) {
+                s.ffn_rows.push(i);
+            }
+        }
+        if s.ffn_rows.is_empty() {
+            return;
+        }
+
+        // ---- ffn_norm → ffn_gate/ffn_up → SwiGLU → ffn_down = ffn_out; l_out ----
+        self.ffn_block(l, s, controller);
+        s.times.ffn += t1.elapsed();
+    }
+
+    /// Attention half of layer `l` for the rows of `s.positions`: attn_norm, Qcur/Kcur/Vcur in
+    /// one parallel region, RoPE, K/V into the cache for every row; then attention,
+    /// attn_output (`attn_out`) and `ffn_inp = attn_out + inpL` for the rows in `s.active` only
+    /// (exited rows keep their state).
     fn attention_block(&self, l: usize, cache: &mut KvCache, s: &mut Scratch) {
         let c = &self.config;
         let lw = &self.weights.layers[l];
-        let (d, kv, hd) = (c.n_embd, c.kv_dim(), c.head_dim);
+        let (d, kv, hd, rd) = (c.n_embd, c.kv_dim(), c.head_dim, c.rope_dim);
         let b = s.positions.len();
         let na = s.active.len();
-        for (xr, nr) in s.x[..b * d].chunks_exact(d).zip(s.xn.chunks_exact_mut(d)) {
-            rms_norm(xr, &lw.attn_norm, c.rms_eps, nr);
+
+        // attn_norm: [B, n_embd]
+        for (inp_l, nr) in s.x[..b * d].chunks_exact(d).zip(s.xn.chunks_exact_mut(d)) {
+            rms_norm(inp_l, &lw.attn_norm, c.rms_eps, nr);
         }
-        if na > 0 {
-            let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
-            let slots = quantize_for(&qkv, &s.xn[..b * d], d, b, &mut s.acts);
-            let group = [
-                (qkv[0], &s.acts[slots[0]][..]),
-                (qkv[1], &s.acts[slots[1]][..]),
-                (qkv[2], &s.acts[slots[2]][..]),
-            ];
-            let mm = &mut s.mm[..(d + 2 * kv) * b];
-            matmul_group(&group, b, mm);
-            tensor::transpose(&mm[..d * b], d, b, &mut s.q[..b * d]);
-            tensor::transpose(&mm[d * b..(d + kv) * b], kv, b, &mut s.k[..b * kv]);
-            tensor::transpose(&mm[(d + kv) * b..], kv, b, &mut s.v[..b * kv]);
+
+        // Qcur [B, n_embd], Kcur and Vcur [B, kv_dim] as one product [q_rows + 2·kv_dim, B];
+        // no Qcur when every row has exited (their K/V are still written).
+        let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
+        let (mats, q_rows) = if na > 0 {
+            (&qkv[..], d)
         } else {
-            // Every row has exited: only the K/V of their frozen states.
-            let kvw = [&lw.attn_k, &lw.attn_v];
-            let slots = quantize_for(&kvw, &s.xn[..b * d], d, b, &mut s.acts);
-            let group = [
-                (kvw[0], &s.acts[slots[0]][..]),
-                (kvw[1], &s.acts[slots[1]][..]),
-            ];
-            let mm = &mut s.mm[..2 * kv * b];
-            matmul_group(&group, b, mm);
-            tensor::transpose(&mm[..kv * b], kv, b, &mut s.k[..b * kv]);
-            tensor::transpose(&mm[kv * b..], kv, b, &mut s.v[..b * kv]);
+            (&qkv[1..], 0)
+        };
+        let slots = quantize_for(mats, &s.xn[..b * d], d, b, &mut s.acts);
+        let mut group = [(qkv[0], &[][..]); 3];
+        for ((g, &m), &slot) in group.iter_mut().zip(mats).zip(&slots) {
+            *g = (m, &s.acts[slot][..]);
         }
-        let pos0 = s.positions[0];
-        for i in 0..b {
-            let cs = &s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim];
-            self.rope.apply(&mut s.k[i * kv..(i + 1) * kv], hd, cs);
-            cache.store(
-                l,
-                pos0 + i,
-                &s.k[i * kv..(i + 1) * kv],
-                &s.v[i * kv..(i + 1) * kv],
-            );
+        let mm = &mut s.mm[..(q_rows + 2 * kv) * b];
+        matmul_group(&group[..mats.len()], b, mm);
+        let (q, kv_mm) = mm.split_at(q_rows * b);
+        let (k, v) = kv_mm.split_at(kv * b);
+        tensor::transpose(k, kv, b, &mut s.k[..b * kv]);
+        tensor::transpose(v, kv, b, &mut s.v[..b * kv]);
+        if na > 0 {
+            tensor::transpose(q, d, b, &mut s.q[..b * d]);
+        }
+
+        // RoPE on Kcur, then K/V into the cache at each row's position.
+        for (i, &pos) in s.positions.iter().enumerate() {
+            let k = &mut s.k[i * kv..(i + 1) * kv];
+            self.rope.apply(k, hd, &s.rope_cs[i * rd..(i + 1) * rd]);
+            cache.store(l, pos, k, &s.v[i * kv..(i + 1) * kv]);
         }
         if na == 0 {
             return;
         }
-        // Active rows' q, RoPE'd and packed to the front: `[na, n_embd]`.
+
+        // RoPE on the active rows' Qcur, packed to the front: [na, n_embd].
         for (j, &i) in s.active.iter().enumerate() {
-            let cs = &s.rope_cs[i * c.rope_dim..(i + 1) * c.rope_dim];
+            let cs = &s.rope_cs[i * rd..(i + 1) * rd];
             self.rope.apply(&mut s.q[i * d..(i + 1) * d], hd, cs);
             if i != j {
                 s.q.copy_within(i * d..(i + 1) * d, j * d);
             }
         }
+
+        // Flash attention: [n_head, na, head_dim], then heads merged: [na, n_embd].
         self.attention(
             l,
             cache,
@@ -382,51 +403,57 @@ impl Llama<'_> {
             &mut s.att_hm[..na * d],
             &mut s.attn,
         );
-        // [n_head, na, head_dim] → [na, n_head * head_dim]
         for (h, block) in s.att_hm[..na * d].chunks_exact(na * hd).enumerate() {
             for (j, src) in block.chunks_exact(hd).enumerate() {
                 s.att[j * d + h * hd..j * d + (h + 1) * hd].copy_from_slice(src);
             }
         }
+
+        // attn_out = attn_output · att: [n_embd, na]; ffn_inp = attn_out + inpL.
         let slots = quantize_for(&[&lw.attn_output], &s.att[..na * d], d, na, &mut s.acts);
-        let mm = &mut s.mm[..d * na];
-        matmul_group(&[(&lw.attn_output, &s.acts[slots[0]][..])], na, mm);
-        tensor::add_transposed(mm, d, &s.active, &mut s.x);
+        let attn_out = &mut s.mm[..d * na];
+        matmul_group(&[(&lw.attn_output, &s.acts[slots[0]][..])], na, attn_out);
+        tensor::add_transposed(attn_out, d, &s.active, &mut s.x);
     }
 
-    /// FFN half of layer `l` for the rows in `s.ffn_rows`: `ffn_norm`, gate/up in one
-    /// parallel region, SwiGLU, `ffn_down`, residual add; the controller observes
-    /// cos(h, h + ffn) per row if it asks to.
-    fn ffn_block<H: Controller>(&self, l: usize, s: &mut Scratch, hook: &mut H) {
+    /// FFN half of layer `l` for the rows in `s.ffn_rows`: ffn_norm, ffn_gate/ffn_up in one
+    /// parallel region, SwiGLU, ffn_down (`ffn_out`), `l_out = ffn_out + ffn_inp`; the
+    /// controller observes (ffn_inp, l_out) per row if it asks to.
+    fn ffn_block<C: Controller>(&self, l: usize, s: &mut Scratch, controller: &mut C) {
         let c = &self.config;
         let lw = &self.weights.layers[l];
         let (d, ff) = (c.n_embd, c.n_ff);
         let r = s.ffn_rows.len();
-        let observe = hook.observes_ffn();
+        let observe = controller.observes_ffn();
+
+        // ffn_norm: [r, n_embd], the running rows packed to the front.
         for (j, &i) in s.ffn_rows.iter().enumerate() {
-            let xr = &s.x[i * d..(i + 1) * d];
-            rms_norm(xr, &lw.ffn_norm, c.rms_eps, &mut s.xn[j * d..(j + 1) * d]);
+            let ffn_inp = &s.x[i * d..(i + 1) * d];
+            rms_norm(
+                ffn_inp,
+                &lw.ffn_norm,
+                c.rms_eps,
+                &mut s.xn[j * d..(j + 1) * d],
+            );
             if observe {
-                s.saved[j * d..(j + 1) * d].copy_from_slice(xr);
+                s.ffn_inp[j * d..(j + 1) * d].copy_from_slice(ffn_inp);
             }
         }
-        let slots = quantize_for(
-            &[&lw.ffn_gate, &lw.ffn_up],
-            &s.xn[..r * d],
-            d,
-            r,
-            &mut s.acts,
-        );
+
+        // ffn_gate and ffn_up: [2][n_ff, r].
+        let gate_up = [&lw.ffn_gate, &lw.ffn_up];
+        let slots = quantize_for(&gate_up, &s.xn[..r * d], d, r, &mut s.acts);
         let mm = &mut s.mm[..2 * ff * r];
         matmul_group(
             &[
-                (&lw.ffn_gate, &s.acts[slots[0]][..]),
-                (&lw.ffn_up, &s.acts[slots[1]][..]),
+                (gate_up[0], &s.acts[slots[0]][..]),
+                (gate_up[1], &s.acts[slots[1]][..]),
             ],
             r,
             mm,
         );
-        // SwiGLU, one token row of n_ff at a time as ggml does: [n_ff, r] → [r, n_ff].
+
+        // SwiGLU into xn, one token row of n_ff at a time as ggml does: [n_ff, r] → [r, n_ff].
         let (gate, up) = mm.split_at(ff * r);
         if r == 1 {
             ggml::swiglu(gate, up, &mut s.xn[..ff]);
@@ -440,14 +467,60 @@ impl Llama<'_> {
                 .with_min_len(4)
                 .for_each(|(y, (g, u))| ggml::swiglu(g, u, y));
         }
+
+        // ffn_out = ffn_down · swiglu: [n_embd, r]; l_out = ffn_out + ffn_inp.
         let slots = quantize_for(&[&lw.ffn_down], &s.xn[..r * ff], ff, r, &mut s.acts);
-        let mm = &mut s.mm[..d * r];
-        matmul_group(&[(&lw.ffn_down, &s.acts[slots[0]][..])], r, mm);
-        tensor::add_transposed(mm, d, &s.ffn_rows, &mut s.x);
+        let ffn_out = &mut s.mm[..d * r];
+        matmul_group(&[(&lw.ffn_down, &s.acts[slots[0]][..])], r, ffn_out);
+        tensor::add_transposed(ffn_out, d, &s.ffn_rows, &mut s.x);
+
         if observe {
             for (j, &i) in s.ffn_rows.iter().enumerate() {
-                hook.after_ffn(l, i, &s.saved[j * d..(j + 1) * d], &s.x[i * d..(i + 1) * d]);
+                let ffn_inp = &s.ffn_inp[j * d..(j + 1) * d];
+                controller.after_ffn(l, i, ffn_inp, &s.x[i * d..(i + 1) * d]);
             }
         }
+    }
+
+    /// result_norm (output_norm of l_out) and result_output (the output head) for the rows
+    /// `logits` asks for: `[n_vocab]` for `Last`, `[B, n_vocab]` for `All`, empty for `None`.
+    fn head<'s>(&self, s: &'s mut Scratch, logits: Logits) -> &'s [f32] {
+        let c = &self.config;
+        let (d, nv) = (c.n_embd, c.n_vocab);
+        let b = s.positions.len();
+        let t0 = Instant::now();
+        let (first, n) = match logits {
+            Logits::None => return &[],
+            Logits::Last => (b - 1, 1),
+            Logits::All => (0, b),
+        };
+
+        // result_norm: [n, n_embd]
+        for j in 0..n {
+            let l_out = &s.x[(first + j) * d..(first + j + 1) * d];
+            rms_norm(
+                l_out,
+                &self.weights.output_norm,
+                c.rms_eps,
+                &mut s.xn[j * d..(j + 1) * d],
+            );
+        }
+
+        // result_output: [n_vocab, n], then [n, n_vocab] for more than one row.
+        let out = &self.weights.output;
+        let slots = quantize_for(&[out], &s.xn[..n * d], d, n, &mut s.acts);
+        let group = [(out, &s.acts[slots[0]][..])];
+        let result: &[f32] = if n == 1 {
+            matmul_group(&group, 1, &mut s.logits);
+            &s.logits
+        } else {
+            let product = grown(&mut s.logits_mm, nv * n);
+            matmul_group(&group, n, product);
+            let all = grown(&mut s.logits_all, nv * n);
+            tensor::transpose(product, nv, n, all);
+            all
+        };
+        s.times.head += t0.elapsed();
+        result
     }
 }
