@@ -11,9 +11,10 @@ use ffnskip::model::Llama;
 use ffnskip::peer::argmax;
 use ffnskip::session::{Session, SessionConfig};
 use ffnskip::skip::{
-    Controller, LayerStat, Policy, Profile, SkipController, SkipOptions, SkipParams, Suggestion,
-    PROFILE_VERSION,
+    Controller, Decision, LayerStat, ParamsError, Policy, Profile, SkipController, SkipOptions,
+    SkipParams, Suggestion, PROFILE_VERSION,
 };
+use ffnskip::skip_setup::profile_file;
 use ffnskip::tokenizer::Tokenizer;
 
 const PROMPT: &str = "The history of the city begins in the early middle ages, when";
@@ -136,7 +137,7 @@ fn threshold_above_one_never_skips() {
     assert_eq!(st.skipped_ffn, 0);
     assert_eq!(st.counted_tokens, (N_GEN - 2) as u64);
     assert_eq!(st.eligible_ffn, (N_GEN - 2) as u64 * 30);
-    assert!(st.decisions.iter().all(|d| d == &"F".repeat(30)));
+    assert!(st.decisions.iter().all(|d| d.to_string() == "F".repeat(30)));
 }
 
 #[test]
@@ -162,7 +163,7 @@ fn threshold_minus_one_skips_the_whole_non_cold_region_after_warmup() {
     let expect = format!("{}{}{}", "F".repeat(3), "s".repeat(23), "F".repeat(4));
     assert_eq!(st.decisions.len(), N_GEN - warmup);
     assert!(
-        st.decisions.iter().all(|d| d == &expect),
+        st.decisions.iter().all(|d| d.to_string() == expect),
         "{:?}",
         st.decisions
     );
@@ -270,9 +271,10 @@ fn random_and_static_are_reproducible_with_a_seed() {
         assert_ne!(a.1, c.1, "{policy:?} ignores the seed");
         // Exactly k = 0.25 × 30 = 7.5 → 7 or 8 blocks per token.
         for d in &a.1 {
-            let n = d.bytes().filter(|&c| c == b's').count();
+            let n = d.count(Decision::Skipped);
             assert!(n == 7 || n == 8, "{policy:?}: {d}");
             if policy == Policy::Static {
+                let d = d.to_string();
                 let first = d.find('s').unwrap();
                 assert_eq!(
                     &d[first..first + n],
@@ -379,8 +381,8 @@ fn early_exit_and_shortgpt_follow_their_plans() {
     assert_eq!(s.hook.params().removed, removed);
     greedy(&mut s, &ids, 8);
     let d = &s.hook.stats.decisions[0];
-    for (l, c) in d.chars().enumerate() {
-        assert_eq!(c == 'x', removed.contains(&l), "{d}");
+    for (l, &c) in d.0.iter().enumerate() {
+        assert_eq!(c == Decision::Removed, removed.contains(&l), "{d}");
     }
     let o = SkipOptions {
         warmup: Some(0),
@@ -390,7 +392,10 @@ fn early_exit_and_shortgpt_follow_their_plans() {
     greedy(&mut s, &ids, 8);
     let bytes = model.layer_bytes();
     for d in &s.hook.stats.decisions {
-        assert_eq!(d, &format!("{}{}", "F".repeat(24), "e".repeat(6)));
+        assert_eq!(
+            d.to_string(),
+            format!("{}{}", "F".repeat(24), "e".repeat(6))
+        );
     }
     let per_token: u64 = (24..30).map(|l| bytes.ffn[l] + bytes.attn_qo[l]).sum();
     assert_eq!(s.hook.stats.bytes_skipped, 8 * per_token);
@@ -399,12 +404,11 @@ fn early_exit_and_shortgpt_follow_their_plans() {
 #[test]
 fn shortgpt_without_a_profile_is_a_clear_error() {
     let e = SkipParams::resolve(&opts(Policy::Shortgpt, 0.25), 30, None).unwrap_err();
+    assert_eq!(e, ParamsError::NeedsProfile(Policy::Shortgpt));
     assert!(e.to_string().contains("needs a calibration profile"), "{e}");
     let e = SkipParams::resolve(&opts(Policy::Adaptive, 1.5), 30, None).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "--skip-ratio 1.5 is out of range (expected 0..1)"
-    );
+    assert_eq!(e, ParamsError::RatioOutOfRange(1.5));
+    assert_eq!(e.to_string(), "ratio 1.5 is out of range (expected 0..1)");
     let p = test_profile(12);
     let e =
         SkipParams::resolve(&opts(Policy::Adaptive, 0.2), 30, Some((&p, "x.json"))).unwrap_err();
@@ -443,13 +447,13 @@ fn calibrate_and_round_trip(path: &std::path::Path, text: &str, tokens: usize) -
     assert_eq!(p.n_layer, model.config.n_layer);
     assert_eq!(p.suggestions.len(), 5);
     let json = TempFile(temp_path("skip", "profile.json"));
-    p.save_json(&json.0).unwrap();
-    assert_eq!(Profile::load_json(&json.0).unwrap(), p);
+    profile_file::save_json(&p, &json.0).unwrap();
+    assert_eq!(profile_file::load_json(&json.0).unwrap(), p);
     let gguf = TempFile(temp_path("skip", "profiled.gguf"));
-    p.embed(&file, &gguf.0).unwrap();
+    profile_file::embed(&p, &file, &gguf.0).unwrap();
     let g = GgufFile::open(&gguf.0).unwrap();
-    assert_eq!(Profile::from_gguf(&g).unwrap().as_ref(), Some(&p));
-    assert_eq!(Profile::from_gguf(&file).unwrap(), None);
+    assert_eq!(profile_file::from_gguf(&g).unwrap().as_ref(), Some(&p));
+    assert_eq!(profile_file::from_gguf(&file).unwrap(), None);
     // The copy is still the same model: same tensors, same logits.
     let m2 = Llama::load(&g).unwrap();
     let a = Session::new(&model, config())

@@ -14,10 +14,10 @@ mod schedule;
 mod stats;
 
 pub use controller::{LayerBytes, SkipController};
-pub use params::{Policy, SkipOptions, SkipParams};
+pub use params::{ParamsError, Policy, SkipOptions, SkipParams};
 pub use profile::{LayerStat, Profile, Suggestion, PROFILE_VERSION};
 pub use schedule::Schedule;
-pub use stats::SkipStats;
+pub use stats::{Decision, SkipStats, TokenDecisions};
 
 /// Per-(token, layer) decisions and observations. Every method has a do-nothing default, and
 /// the forward pass is generic over the controller, so [`NoSkip`] compiles to the plain model.

@@ -85,7 +85,35 @@ impl SkipOptions {
     }
 }
 
-/// Default target ratio when `--skip-ratio` is not given.
+/// Why [`SkipOptions`] cannot run on a model. Messages name the option fields; the layer that
+/// knows where an option came from (a flag, a request field) phrases it for the user.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ParamsError {
+    #[error("ratio {0} is out of range (expected 0..1)")]
+    RatioOutOfRange(f64),
+    #[error("threshold is NaN")]
+    ThresholdNan,
+    #[error("cold_start {cold_start} + cold_end {cold_end} exceed the model's {n_layer} layers")]
+    ColdRegionsTooLarge {
+        cold_start: usize,
+        cold_end: usize,
+        n_layer: usize,
+    },
+    /// `full_every = 1` would run every token in full.
+    #[error("full_every 1 would run every token in full (use 0 for never, or ≥ 2)")]
+    FullEveryOne,
+    #[error("the skip profile from {from} is for {profile} layers but the model has {model}")]
+    ProfileLayers {
+        from: String,
+        profile: usize,
+        model: usize,
+    },
+    /// ShortGPT ranks layers by Block Influence, which only a calibration profile has.
+    #[error("policy {} ranks layers by Block Influence and needs a calibration profile", .0.name())]
+    NeedsProfile(Policy),
+}
+
+/// Default target ratio when no ratio is given.
 pub const DEFAULT_RATIO: f64 = 0.25;
 /// The authors' cosine threshold (`model_ffn_cosine.py`).
 pub const DEFAULT_THRESHOLD: f32 = 0.95;
@@ -138,24 +166,25 @@ impl SkipParams {
         opts: &SkipOptions,
         n_layer: usize,
         profile: Option<(&Profile, &str)>,
-    ) -> anyhow::Result<SkipParams> {
+    ) -> Result<SkipParams, ParamsError> {
         if opts.policy == Policy::None {
             return Ok(SkipParams::none(n_layer));
         }
         let ratio = opts.ratio.unwrap_or(DEFAULT_RATIO);
-        anyhow::ensure!(
-            ratio.is_finite() && (0.0..=1.0).contains(&ratio),
-            "--skip-ratio {ratio} is out of range (expected 0..1)"
-        );
-        if let Some((p, from)) = profile {
-            anyhow::ensure!(
-                p.n_layer == n_layer,
-                "the skip profile from {from} is for {} layers but the model has {n_layer}",
-                p.n_layer
-            );
+        if !(ratio.is_finite() && (0.0..=1.0).contains(&ratio)) {
+            return Err(ParamsError::RatioOutOfRange(ratio));
         }
-        if let Some(t) = opts.threshold {
-            anyhow::ensure!(!t.is_nan(), "--threshold is NaN");
+        if let Some((p, from)) = profile {
+            if p.n_layer != n_layer {
+                return Err(ParamsError::ProfileLayers {
+                    from: from.to_string(),
+                    profile: p.n_layer,
+                    model: n_layer,
+                });
+            }
+        }
+        if opts.threshold.is_some_and(f32::is_nan) {
+            return Err(ParamsError::ThresholdNan);
         }
         // Cold regions: the authors keep 5 + 5 of 32/40 layers; scaled to this depth.
         let paper_cold = ((5.0 * n_layer as f64 / 32.0).round() as usize).max(1);
@@ -165,19 +194,21 @@ impl SkipParams {
         };
         cold_start = opts.cold_start.unwrap_or(cold_start);
         cold_end = opts.cold_end.unwrap_or(cold_end);
-        anyhow::ensure!(
-            cold_start + cold_end <= n_layer,
-            "--cold-start {cold_start} + --cold-end {cold_end} exceed the model's {n_layer} layers"
-        );
+        if cold_start + cold_end > n_layer {
+            return Err(ParamsError::ColdRegionsTooLarge {
+                cold_start,
+                cold_end,
+                n_layer,
+            });
+        }
         let warmup = opts.warmup.unwrap_or(DEFAULT_WARMUP);
         let full_every = opts
             .full_every
             .or(profile.map(|(p, _)| p.full_every))
             .unwrap_or(0);
-        anyhow::ensure!(
-            full_every != 1,
-            "--full-every 1 would run every token in full (use 0 for never, or ≥ 2)"
-        );
+        if full_every == 1 {
+            return Err(ParamsError::FullEveryOne);
+        }
         let mut schedule = Schedule::for_ratio(ratio, n_layer, warmup, full_every);
         let mut threshold = DEFAULT_THRESHOLD;
         let mut removed = Vec::new();
@@ -215,10 +246,7 @@ impl SkipParams {
                     p.tokens
                 );
             }
-            (Policy::Shortgpt, None) => anyhow::bail!(
-                "--skip shortgpt ranks layers by Block Influence and needs a calibration profile: \
-                 run `ffnskip calibrate -m MODEL` and pass --skip-profile PROFILE.json (or embed it with --embed)"
-            ),
+            (Policy::Shortgpt, None) => return Err(ParamsError::NeedsProfile(Policy::Shortgpt)),
             (_, Some((p, from))) => {
                 source = format!("cold regions from the calibration profile in {from} ({} tokens)", p.tokens)
             }

@@ -2,16 +2,60 @@
 //! FFN blocks over (decoded tokens × layers), from the first token allowed to skip. (The code
 //! divides by `total_layers + 1`; the +1 only guards against 0 and is left out here.)
 
-use serde::Serialize;
+use std::fmt;
 
-/// One token's decisions per layer, as a string of `n_layer` characters.
-pub const RAN: u8 = b'F';
-/// FFN skipped, attention ran.
-pub const SKIPPED: u8 = b's';
-/// Whole layer removed (ShortGPT): no attention, no FFN, no K/V.
-pub const REMOVED: u8 = b'x';
-/// Token exited before this layer: only K/V computed from the frozen state.
-pub const EXITED: u8 = b'e';
+use serde::{Serialize, Serializer};
+
+/// What one layer did for one token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Attention and FFN ran.
+    Ran,
+    /// FFN skipped, attention ran.
+    Skipped,
+    /// Whole layer removed (ShortGPT): no attention, no FFN, no K/V.
+    Removed,
+    /// Token exited before this layer: only K/V computed from the frozen state.
+    Exited,
+}
+
+impl Decision {
+    /// Its character in a printed trace: `F`, `s`, `x`, `e`.
+    pub const fn code(self) -> char {
+        match self {
+            Decision::Ran => 'F',
+            Decision::Skipped => 's',
+            Decision::Removed => 'x',
+            Decision::Exited => 'e',
+        }
+    }
+}
+
+/// One token's decisions, `[n_layer]`; displayed and serialized as a string of
+/// [`Decision::code`]s (`"FFsss…F"`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenDecisions(pub Vec<Decision>);
+
+impl TokenDecisions {
+    /// Layers whose decision is `d`.
+    pub fn count(&self, d: Decision) -> usize {
+        self.0.iter().filter(|&&x| x == d).count()
+    }
+}
+
+impl fmt::Display for TokenDecisions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0
+            .iter()
+            .try_for_each(|d| fmt::Write::write_char(f, d.code()))
+    }
+}
+
+impl Serialize for TokenDecisions {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SkipStats {
@@ -28,10 +72,9 @@ pub struct SkipStats {
     /// Weight bytes not read in counted tokens (FFN matrices, plus attention matrices that a
     /// removed layer or an exited token does not read).
     pub bytes_skipped: u64,
-    /// Per counted token, its decisions per layer (`F` ran, `s` FFN skipped, `x` layer
-    /// removed, `e` exited), when recording was asked for.
+    /// Per counted token, its decisions per layer, when recording was asked for.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub decisions: Vec<String>,
+    pub decisions: Vec<TokenDecisions>,
 }
 
 impl SkipStats {
