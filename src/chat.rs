@@ -2,8 +2,22 @@
 //! as Hugging Face's `apply_chat_template` does: `messages`, `add_generation_prompt`,
 //! `bos_token`, `eos_token`, and `raise_exception`.
 
+use std::io::{self, Write};
+
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
+
+/// VM instructions one render may run (minijinja "fuel", one unit per instruction). The
+/// template comes from the GGUF file, i.e. it is untrusted: without a budget, nested loops
+/// (`range` allows 100,000 items each) run for hours. Real chat templates spend about 30–60
+/// units per message, so this allows well over 10,000 messages and stops a runaway template
+/// after a fraction of a second.
+pub const CHAT_TEMPLATE_FUEL: u64 = 1_000_000;
+
+/// Largest rendered prompt, in bytes: 64 MiB, more text than a 2^24-token context holds at
+/// ~4 bytes per token. Fuel bounds the instructions, not what each one emits (minijinja
+/// repeats a string up to 100 MB in one instruction), so the output is capped as well.
+pub const MAX_RENDERED_BYTES: usize = 64 << 20;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Message {
@@ -38,6 +52,7 @@ impl ChatTemplate {
     /// Compiles `source`; `file` names the model in errors.
     pub fn new(file: &str, source: &str, bos: &str, eos: &str) -> Result<Self, ChatError> {
         let mut env = Environment::new();
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
@@ -62,12 +77,58 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
-        self.env.get_template("chat")?.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos,
-            eos_token => self.eos,
-        })
+        let mut out = CappedOutput {
+            bytes: Vec::new(),
+            full: false,
+        };
+        let rendered = self.env.get_template("chat")?.render_captured_to(
+            context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos,
+                eos_token => self.eos,
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => {}
+            Err(_) if out.full => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("the rendered prompt exceeds {MAX_RENDERED_BYTES} bytes (chat::MAX_RENDERED_BYTES)"),
+                ))
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("the template ran past {CHAT_TEMPLATE_FUEL} instructions (chat::CHAT_TEMPLATE_FUEL); {e}"),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+        // minijinja writes whole UTF-8 strings, so the bytes are valid UTF-8.
+        Ok(String::from_utf8(out.bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    }
+}
+
+/// The rendered prompt, refusing to grow past [`MAX_RENDERED_BYTES`] (then `full` is set).
+struct CappedOutput {
+    bytes: Vec<u8>,
+    full: bool,
+}
+
+impl Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.full = true;
+            return Err(io::Error::other("rendered prompt too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

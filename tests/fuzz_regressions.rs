@@ -1,0 +1,58 @@
+//! Regression tests for what the AFL++ fuzz targets (`fuzz/`, `scripts/fuzz.sh`) found: each
+//! input that crashed, hung or exhausted memory, small enough to keep here as a byte literal
+//! or a file under `tests/fuzz_regressions/`, with the exact error it must now give.
+
+use std::time::{Duration, Instant};
+
+use ffnskip::chat::{ChatTemplate, Message, CHAT_TEMPLATE_FUEL, MAX_RENDERED_BYTES};
+
+/// Renders `source` with one user message; returns the error text and how long it took.
+fn render_err(source: &str) -> (String, Duration) {
+    let t = ChatTemplate::new("fuzz.gguf", source, "<s>", "</s>").unwrap();
+    let start = Instant::now();
+    let err = t
+        .render(&[Message::new("user", "hi")], true)
+        .expect_err("the template must be stopped");
+    (format!("{err:#}"), start.elapsed())
+}
+
+/// chat_template: nested loops (each `range` may have 100,000 items) ran 10^10 iterations,
+/// i.e. hung for hours on a template read from an untrusted GGUF. Fuel stops them.
+#[test]
+fn chat_template_nested_loops_run_out_of_fuel() {
+    let (err, took) = render_err(
+        "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}",
+    );
+    assert_eq!(
+        err,
+        "invalid operation: the template ran past 1000000 instructions (chat::CHAT_TEMPLATE_FUEL); engine ran out of fuel (in chat:1)"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(CHAT_TEMPLATE_FUEL, 1_000_000);
+}
+
+/// chat_template: a loop emitting a 100 MB string per iteration (minijinja allows string
+/// repetition up to 100 MB per instruction) grew the prompt until memory ran out, within the
+/// fuel. The output is capped.
+#[test]
+fn chat_template_output_is_capped() {
+    let (err, took) = render_err("{% for a in range(1000) %}{{ 'x' * 100000000 }}{% endfor %}");
+    assert_eq!(
+        err,
+        "invalid operation: the rendered prompt exceeds 67108864 bytes (chat::MAX_RENDERED_BYTES)"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(MAX_RENDERED_BYTES, 64 << 20);
+}
+
+/// Real templates stay far below both limits.
+#[test]
+fn long_conversations_still_render() {
+    let smollm = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let t = ChatTemplate::new("m.gguf", smollm, "", "").unwrap();
+    let messages: Vec<Message> = (0..10_000)
+        .map(|i| Message::new(if i % 2 == 0 { "user" } else { "assistant" }, "hello"))
+        .collect();
+    let out = t.render(&messages, true).unwrap();
+    assert_eq!(out.matches("<|im_start|>").count(), 10_002);
+}
