@@ -346,8 +346,25 @@ fn write(w: &GgufWriter<'_>, out: &Path) -> Result<()> {
 pub fn convert_llama2c(checkpoint: &Path, tokenizer: &Path, out: &Path) -> Result<()> {
     let bytes = std::fs::read(checkpoint)
         .with_context(|| format!("{}: cannot read llama2.c checkpoint", checkpoint.display()))?;
-    let h = read_checkpoint_header(checkpoint, &bytes)?;
-    let tokens = read_llama2c_tokenizer(tokenizer, Some(h.vocab_size))?;
+    // The header first, so a bad checkpoint is reported before a missing tokenizer.
+    read_checkpoint_header(checkpoint, &bytes)?;
+    let tok_bytes = std::fs::read(tokenizer)
+        .with_context(|| format!("{}: cannot read llama2.c tokenizer", tokenizer.display()))?;
+    let w = llama2c_to_gguf(checkpoint, &bytes, tokenizer, &tok_bytes)?;
+    write(&w, out)
+}
+
+/// The GGUF of a llama2.c checkpoint (`bytes`, the whole file) and its `tokenizer.bin`
+/// (`tok_bytes`), ready to write; tensor data is borrowed from `bytes`. The paths only name
+/// the inputs in errors.
+pub fn llama2c_to_gguf<'b>(
+    checkpoint: &Path,
+    bytes: &'b [u8],
+    tokenizer: &Path,
+    tok_bytes: &[u8],
+) -> Result<GgufWriter<'b>> {
+    let h = read_checkpoint_header(checkpoint, bytes)?;
+    let tokens = parse_tokenizer(tokenizer, tok_bytes, Some(h.vocab_size))?;
 
     let mut w = GgufWriter::new();
     set_general(&mut w, checkpoint);
@@ -369,7 +386,7 @@ pub fn convert_llama2c(checkpoint: &Path, tokenizer: &Path, out: &Path) -> Resul
     // matched the file size exactly.
     let (d, hd, l, v, kv) = (h.dim, h.hidden_dim, h.n_layers, h.vocab_size, h.kv_dim());
     let mut off = HEADER_BYTES as usize;
-    let mut take = |n_floats: usize| -> &[u8] {
+    let mut take = |n_floats: usize| -> &'b [u8] {
         let s = &bytes[off..off + 4 * n_floats];
         off += 4 * n_floats;
         s
@@ -388,9 +405,9 @@ pub fn convert_llama2c(checkpoint: &Path, tokenizer: &Path, out: &Path) -> Resul
     let _freq_cis = take(h.seq_len * h.head_size());
     let wcls = (!h.shared_classifier).then(|| take(v * d));
 
-    let mut add = |name: String, shape: &[usize], data: &[u8]| -> Result<()> {
+    let mut add = |name: String, shape: &[usize], data: &'b [u8]| -> Result<()> {
         let shape: Vec<u64> = shape.iter().map(|&x| x as u64).collect();
-        w.add_tensor(&name, GgmlType::F32, &shape, Cow::Owned(data.to_vec()))
+        w.add_tensor(&name, GgmlType::F32, &shape, Cow::Borrowed(data))
             .with_context(|| format!("{}: tensor {name}", checkpoint.display()))
     };
     // ggml ne order: [row length, rows].
@@ -399,56 +416,21 @@ pub fn convert_llama2c(checkpoint: &Path, tokenizer: &Path, out: &Path) -> Resul
     if let Some(wcls) = wcls {
         add("output.weight".into(), &[d, v], wcls)?;
     }
-    let layer =
-        |x: &[u8], i: usize, n: usize| -> Vec<u8> { x[4 * i * n..4 * (i + 1) * n].to_vec() };
+    // Layer `i` of an array of `l` matrices of `n` floats each.
+    let layer = |x: &'b [u8], i: usize, n: usize| -> &'b [u8] { &x[4 * i * n..4 * (i + 1) * n] };
     for i in 0..l {
-        add(
-            format!("blk.{i}.attn_norm.weight"),
-            &[d],
-            &layer(rms_att, i, d),
-        )?;
-        add(
-            format!("blk.{i}.attn_q.weight"),
-            &[d, d],
-            &layer(wq, i, d * d),
-        )?;
-        add(
-            format!("blk.{i}.attn_k.weight"),
-            &[d, kv],
-            &layer(wk, i, kv * d),
-        )?;
-        add(
-            format!("blk.{i}.attn_v.weight"),
-            &[d, kv],
-            &layer(wv, i, kv * d),
-        )?;
-        add(
-            format!("blk.{i}.attn_output.weight"),
-            &[d, d],
-            &layer(wo, i, d * d),
-        )?;
-        add(
-            format!("blk.{i}.ffn_norm.weight"),
-            &[d],
-            &layer(rms_ffn, i, d),
-        )?;
-        add(
-            format!("blk.{i}.ffn_gate.weight"),
-            &[d, hd],
-            &layer(w1, i, hd * d),
-        )?;
-        add(
-            format!("blk.{i}.ffn_down.weight"),
-            &[hd, d],
-            &layer(w2, i, d * hd),
-        )?;
-        add(
-            format!("blk.{i}.ffn_up.weight"),
-            &[d, hd],
-            &layer(w3, i, hd * d),
-        )?;
+        let name = |t: &str| format!("blk.{i}.{t}.weight");
+        add(name("attn_norm"), &[d], layer(rms_att, i, d))?;
+        add(name("attn_q"), &[d, d], layer(wq, i, d * d))?;
+        add(name("attn_k"), &[d, kv], layer(wk, i, kv * d))?;
+        add(name("attn_v"), &[d, kv], layer(wv, i, kv * d))?;
+        add(name("attn_output"), &[d, d], layer(wo, i, d * d))?;
+        add(name("ffn_norm"), &[d], layer(rms_ffn, i, d))?;
+        add(name("ffn_gate"), &[d, hd], layer(w1, i, hd * d))?;
+        add(name("ffn_down"), &[hd, d], layer(w2, i, d * hd))?;
+        add(name("ffn_up"), &[d, hd], layer(w3, i, hd * d))?;
     }
-    write(&w, out)
+    Ok(w)
 }
 
 /// Writes a vocabulary-only GGUF from a llama2.c `tokenizer.bin` (all its tokens):
