@@ -263,25 +263,34 @@ fn writer_refuses_what_the_reader_rejects() {
 #[test]
 fn write_file_is_atomic_and_readable() {
     let dir = std::env::temp_dir().join(format!("ffnskip-rt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("w.gguf");
     let mut w = GgufWriter::new();
     w.set("k", Value::String("v".into()));
     w.add_tensor("t", GgmlType::F32, &[2], 1.5f32.to_le_bytes().repeat(2))
         .unwrap();
+    let names = |d: &std::path::Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
     w.write_file(&path).unwrap();
-    assert!(!dir.join("w.gguf.partial").exists());
+    assert_eq!(names(&dir), ["w.gguf"]);
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), w.to_bytes());
     assert_eq!(
         f.tensor_data(f.tensor_info("t").unwrap()),
         1.5f32.to_le_bytes().repeat(2).as_slice()
     );
-    // Invalid metadata: nothing is left behind, not even the .partial file.
+    // Invalid metadata: nothing is left behind, not even a temporary file.
     w.set("general.alignment", Value::U32(3));
     let path2 = dir.join("bad.gguf");
     assert!(w.write_file(&path2).is_err());
-    assert!(!path2.exists() && !dir.join("bad.gguf.partial").exists());
+    assert_eq!(names(&dir), ["w.gguf"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -616,7 +616,7 @@ pub fn convert_tensor(
     Ok(out)
 }
 
-/// Writes the quantized model to `out` (atomically, through `out.partial`). `progress` is
+/// Writes the quantized model to `out` (atomically: a temporary sibling, then a rename). `progress` is
 /// called after each tensor with its plan and its input and output byte counts.
 pub fn write_quantized(
     file: &GgufFile,
@@ -669,44 +669,14 @@ pub fn write_quantized(
     })
 }
 
-/// Refuses an output path that is the input file (also through links), and a missing input.
+/// Refuses a missing input, and an output that is the input (the rule of
+/// [`crate::outfile::ensure_not_input`]).
 pub fn check_paths(input: &Path, output: &Path) -> Result<()> {
     if !input.exists() {
         bail!("input file {} does not exist", input.display());
     }
-    let canon_in = input
-        .canonicalize()
-        .with_context(|| format!("resolving {}", input.display()))?;
-    // The output may not exist yet: resolve its directory instead.
-    let canon_out = output.canonicalize().ok().or_else(|| {
-        let parent = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        Some(parent.canonicalize().ok()?.join(output.file_name()?))
-    });
-    let same = canon_out.as_deref() == Some(canon_in.as_path()) || same_inode(input, output);
-    if same {
-        bail!(
-            "output file {} is the input file; write the quantized model to a new path",
-            output.display()
-        );
-    }
+    crate::outfile::ensure_not_input("OUT", output, &[("IN", input)])?;
     Ok(())
-}
-
-#[cfg(unix)]
-fn same_inode(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
-#[cfg(not(unix))]
-fn same_inode(_: &Path, _: &Path) -> bool {
-    false
 }
 
 /// `input` → `output` for `target`, without printing: checks the paths, plans and writes.

@@ -3,7 +3,7 @@
 //! leaves a half-written model under the requested name.
 
 use std::borrow::Cow;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::Path;
 
 use super::reader::{DEFAULT_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_NAME_LEN};
@@ -211,23 +211,12 @@ impl<'a> GgufWriter<'a> {
             .unwrap_or_else(|e| panic!("GgufWriter::to_bytes: {e}"))
     }
 
-    /// Writes atomically: `path.partial` first, then renamed to `path`.
+    /// Writes atomically ([`crate::outfile::AtomicFile`]): a temporary sibling, then a rename.
     pub fn write_file(&self, path: &Path) -> io::Result<()> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".partial");
-        let tmp = std::path::PathBuf::from(tmp);
-        let result = (|| {
-            let mut f = BufWriter::new(std::fs::File::create(&tmp)?);
-            self.write_to(&mut f)?;
-            f.into_inner().map_err(|e| e.into_error())?.sync_all()
-        })();
-        match result {
-            Ok(()) => std::fs::rename(&tmp, path),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e)
-            }
-        }
+        let to_io = |e: crate::outfile::OutputError| io::Error::other(e.to_string());
+        let mut f = crate::outfile::AtomicFile::create(path).map_err(to_io)?;
+        self.write_to(&mut f)?;
+        f.commit().map_err(to_io)
     }
 }
 

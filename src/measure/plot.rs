@@ -7,6 +7,7 @@ use std::sync::Once;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::outfile::TempPath;
 use crate::skip::Profile;
 
 static FONT: &[u8] = include_bytes!("../../vendor/fonts/DejaVuSans.ttf");
@@ -36,7 +37,8 @@ pub trait Chart {
         DB::ErrorType: 'static;
 }
 
-/// Draws `chart` to `base.svg` and `base.png` (`w × h` pixels); returns both paths.
+/// Draws `chart` to `base.svg` and `base.png` (`w × h` pixels), each written atomically;
+/// returns both paths.
 pub fn draw_svg_png(
     chart: &impl Chart,
     base: &Path,
@@ -44,18 +46,22 @@ pub fn draw_svg_png(
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     register_font();
     let (svg, png) = outputs(base);
+    let svg_tmp = TempPath::new(&svg);
     {
-        let root = SVGBackend::new(&svg, (w, h)).into_drawing_area();
+        let root = SVGBackend::new(svg_tmp.path(), (w, h)).into_drawing_area();
         chart.draw(&root)?;
         root.present()
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", svg.display()))?;
     }
+    let png_tmp = TempPath::new(&png);
     {
-        let root = BitMapBackend::new(&png, (w, h)).into_drawing_area();
+        let root = BitMapBackend::new(png_tmp.path(), (w, h)).into_drawing_area();
         chart.draw(&root)?;
         root.present()
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", png.display()))?;
     }
+    svg_tmp.persist()?;
+    png_tmp.persist()?;
     Ok((svg, png))
 }
 

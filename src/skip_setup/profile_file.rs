@@ -46,10 +46,11 @@ pub fn load_json(path: &Path) -> anyhow::Result<Profile> {
     Ok(p)
 }
 
-/// Writes `p` as pretty-printed JSON.
+/// Writes `p` as pretty-printed JSON, atomically.
 pub fn save_json(p: &Profile, path: &Path) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(p)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+    crate::outfile::write_atomic(path, (text + "\n").as_bytes())?;
+    Ok(())
 }
 
 /// Writes `p` as `ffnskip.*` keys.
