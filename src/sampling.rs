@@ -71,6 +71,9 @@ pub struct Sampler {
     rng: Rng,
     recent: std::collections::VecDeque<u32>,
     candidates: Vec<(u32, f32)>,
+    /// Tokens never drawn (`--ignore-eos` bans the end-of-generation tokens, as llama.cpp's
+    /// logit bias of −∞ does).
+    banned: Vec<u32>,
 }
 
 impl Sampler {
@@ -79,6 +82,7 @@ impl Sampler {
             rng: Rng::new(config.seed),
             recent: Default::default(),
             candidates: Vec::new(),
+            banned: Vec::new(),
             config,
         }
     }
@@ -98,7 +102,17 @@ impl Sampler {
         self.recent.clear();
     }
 
+    /// Never draws `ids` from now on.
+    pub fn ban(&mut self, ids: impl IntoIterator<Item = u32>) {
+        self.banned.extend(ids);
+        self.banned.sort_unstable();
+        self.banned.dedup();
+    }
+
     fn penalized(&self, id: usize, logit: f32) -> f32 {
+        if !self.banned.is_empty() && self.banned.binary_search(&(id as u32)).is_ok() {
+            return f32::NEG_INFINITY;
+        }
         let p = self.config.repeat_penalty;
         if p == 1.0 || !self.recent.contains(&(id as u32)) {
             return logit;
@@ -116,7 +130,7 @@ impl Sampler {
         if c.is_greedy() {
             let mut best = (0usize, f32::NEG_INFINITY);
             for (i, &l) in logits.iter().enumerate() {
-                let v = if c.repeat_penalty == 1.0 {
+                let v = if c.repeat_penalty == 1.0 && self.banned.is_empty() {
                     l
                 } else {
                     self.penalized(i, l)
@@ -194,6 +208,24 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn banned_tokens_are_never_drawn() {
+        let logits = [0.1, 5.0, 4.9, -1.0];
+        let mut g = Sampler::new(SamplerConfig::greedy());
+        assert_eq!(g.sample(&logits), 1);
+        g.ban([1]);
+        assert_eq!(g.sample(&logits), 2);
+        let mut s = Sampler::new(SamplerConfig {
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            temperature: 1.0,
+            ..Default::default()
+        });
+        s.ban([1, 2]);
+        assert!((0..200).all(|_| ![1, 2].contains(&s.sample(&logits))));
+    }
 
     #[test]
     fn greedy_is_argmax_and_penalty_applies() {

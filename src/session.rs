@@ -1,6 +1,7 @@
 //! A running conversation with a model: KV cache, scratch, thread pool and FFN hook;
 //! prefill in batches, decode one token at a time, stream text, keep the cache across turns.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -75,6 +76,7 @@ impl<'m> Session<'m, NoSkip> {
 
 impl<'m, H: Controller> Session<'m, H> {
     pub fn with_hook(model: &'m Llama<'m>, config: SessionConfig, hook: H) -> anyhow::Result<Self> {
+        check_memory(model, &config)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.threads.max(1))
             .thread_name(|i| format!("ffnskip-{i}"))
@@ -154,6 +156,15 @@ impl<'m, H: Controller> Session<'m, H> {
 
     /// Feeds prompt tokens in batches; returns the last row's logits.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32], ForwardError> {
+        self.prefill_with_progress(tokens, &mut |_, _| {})
+    }
+
+    /// [`Session::prefill`], reporting (positions done, total) after each batch.
+    pub fn prefill_with_progress(
+        &mut self,
+        tokens: &[u32],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<&[f32], ForwardError> {
         if tokens.is_empty() {
             return Err(ForwardError::Empty);
         }
@@ -167,6 +178,7 @@ impl<'m, H: Controller> Session<'m, H> {
                 Logits::None
             };
             self.run(chunk, true, want)?;
+            progress((i * n + chunk.len()).min(tokens.len()), tokens.len());
         }
         self.timings.prefill += start.elapsed();
         self.timings.prefill_tokens += tokens.len();
@@ -218,7 +230,51 @@ impl<'m, H: Controller> Session<'m, H> {
     }
 }
 
-/// Why generation stopped.
+/// Bytes a session of `config` allocates for its context: the f16 KV cache
+/// (`2 × [n_layer, n_head_kv, n_ctx, head_dim]`) and the attention workers' f32 key and score
+/// buffers (`[n_ctx, head_dim + 1]` each, two workers per thread). `None` on overflow.
+pub fn context_bytes(model: &Llama, config: &SessionConfig) -> Option<u64> {
+    let c = &model.config;
+    let n_ctx = config.n_ctx as u64;
+    let kv = 2
+        * 2
+        * (c.n_layer as u64)
+            .checked_mul(c.n_head_kv as u64)?
+            .checked_mul(c.head_dim as u64)?
+            .checked_mul(n_ctx)?;
+    let workers = 2 * config.threads.max(1) as u64;
+    let attn = workers.checked_mul(n_ctx.checked_mul(4 * (c.head_dim as u64 + 1))?)?;
+    kv.checked_add(attn)
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes, where there is one.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Refuses a context that cannot fit in memory, before anything is allocated.
+fn check_memory(model: &Llama, config: &SessionConfig) -> anyhow::Result<()> {
+    let gb = |b: u64| b as f64 / 1e9;
+    match (context_bytes(model, config), available_memory()) {
+        (None, _) => anyhow::bail!(
+            "--ctx {}: the KV cache size overflows; lower -c/--ctx",
+            config.n_ctx
+        ),
+        (Some(need), Some(avail)) if need > avail => anyhow::bail!(
+            "--ctx {} needs {need} bytes ({:.2} GB) for the KV cache and attention buffers, \
+             but only {avail} bytes ({:.2} GB) of memory are available; lower -c/--ctx",
+            config.n_ctx,
+            gb(need),
+            gb(avail)
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Why generation stopped, spelled the same on stderr and in JSON.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
@@ -226,10 +282,59 @@ pub enum StopReason {
     Eos,
     /// `--max-tokens` were generated.
     MaxTokens,
+    /// The generated text contains one of the stop strings (`--stop`).
+    StopSequence,
     /// The KV cache is full.
     ContextFull,
+    /// The caller asked to stop (Ctrl-C in chat, a closed stdout or connection).
+    Cancelled,
 }
 
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::StopSequence => "stop_sequence",
+            StopReason::ContextFull => "context_full",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What ends a generation besides end-of-generation tokens and a full context.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateOptions {
+    /// Tokens to generate at most (0: evaluate the prompt only).
+    pub max_tokens: usize,
+    /// Stop as soon as the generated text contains one of these; the text returned and
+    /// streamed ends before it.
+    pub stop: Vec<String>,
+}
+
+/// Where a generation reports to.
+pub trait GenerateSink {
+    /// Text released after a generated token (possibly empty: an incomplete UTF-8 character
+    /// or a possible start of a stop string is held back). `Break` stops with
+    /// [`StopReason::Cancelled`].
+    fn text(&mut self, piece: &str) -> ControlFlow<()>;
+    /// Prompt positions evaluated so far, of `total`, after each prefill chunk.
+    fn prefill_progress(&mut self, _done: usize, _total: usize) {}
+}
+
+impl<F: FnMut(&str) -> ControlFlow<()>> GenerateSink for F {
+    fn text(&mut self, piece: &str) -> ControlFlow<()> {
+        self(piece)
+    }
+}
+
+#[derive(Debug)]
 pub struct Generation {
     pub prompt_tokens: usize,
     pub tokens: Vec<u32>,
@@ -249,15 +354,78 @@ impl Generation {
     }
 }
 
-/// Generates after `new_tokens` (appended to what the session holds), streaming text
-/// pieces to `on_text` as soon as they form whole UTF-8 characters.
+/// Holds back generated text that could be the start of a stop string.
+struct StopMatcher<'a> {
+    stop: &'a [String],
+    /// Everything generated so far.
+    text: String,
+    /// Bytes of `text` already released.
+    released: usize,
+}
+
+impl<'a> StopMatcher<'a> {
+    fn new(stop: &'a [String]) -> Self {
+        StopMatcher {
+            stop,
+            text: String::new(),
+            released: 0,
+        }
+    }
+
+    /// Appends `piece`; returns the text that can be released and whether a stop string
+    /// was found (the text then ends before it).
+    fn push(&mut self, piece: &str) -> (&str, bool) {
+        let from = self.released;
+        self.text.push_str(piece);
+        let longest = self.stop.iter().map(String::len).max().unwrap_or(0);
+        // A match must end in the new piece; it may start up to `longest` bytes earlier.
+        let mut window = from.saturating_sub(longest);
+        while !self.text.is_char_boundary(window) {
+            window -= 1;
+        }
+        let found = self
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text[window..].find(s.as_str()).map(|i| window + i))
+            .min();
+        if let Some(end) = found {
+            let end = end.max(from);
+            self.text.truncate(end);
+            self.released = end;
+            return (&self.text[from..end], true);
+        }
+        // Hold back the longest suffix that is a prefix of a stop string.
+        let held = self
+            .stop
+            .iter()
+            .flat_map(|s| (1..s.len()).rev().map(move |n| &s.as_bytes()[..n]))
+            .filter(|p| self.text.as_bytes().ends_with(p))
+            .map(<[u8]>::len)
+            .max()
+            .unwrap_or(0);
+        let end = (self.text.len() - held).max(from);
+        self.released = end;
+        (&self.text[from..end], false)
+    }
+
+    /// Releases what is held back (generation ended for another reason).
+    fn finish(&mut self) -> &str {
+        let from = self.released;
+        self.released = self.text.len();
+        &self.text[from..]
+    }
+}
+
+/// Generates after `new_tokens` (appended to what the session holds), streaming text to
+/// `sink` as soon as it forms whole UTF-8 characters that cannot start a stop string.
 pub fn generate<H: Controller>(
     session: &mut Session<'_, H>,
     tokenizer: &Tokenizer,
     sampler: &mut Sampler,
     new_tokens: &[u32],
-    max_tokens: usize,
-    on_text: &mut dyn FnMut(&str),
+    opts: &GenerateOptions,
+    sink: &mut dyn GenerateSink,
 ) -> anyhow::Result<Generation> {
     for &t in new_tokens {
         sampler.accept(t);
@@ -271,42 +439,113 @@ pub fn generate<H: Controller>(
         );
     }
     let t0 = Instant::now();
-    let mut next = sampler.sample(session.prefill(new_tokens)?);
+    let logits = session.prefill_with_progress(new_tokens, &mut |done, total| {
+        sink.prefill_progress(done, total)
+    })?;
+    let mut next = if opts.max_tokens > 0 {
+        Some(sampler.sample(logits))
+    } else {
+        None
+    };
     let prefill = t0.elapsed();
     let mut stream = StreamDecoder::new(tokenizer);
+    let mut matcher = StopMatcher::new(&opts.stop);
     let mut tokens = Vec::new();
-    let mut text = String::new();
     let t1 = Instant::now();
     let stop_reason = loop {
-        if tokenizer.is_eog(next) {
+        let Some(token) = next else {
+            break StopReason::MaxTokens;
+        };
+        if tokenizer.is_eog(token) {
             break StopReason::Eos;
         }
-        tokens.push(next);
-        sampler.accept(next);
-        let piece = stream.push(next);
-        if !piece.is_empty() {
-            on_text(&piece);
-            text.push_str(&piece);
+        tokens.push(token);
+        sampler.accept(token);
+        let piece = stream.push(token);
+        let (release, stopped) = matcher.push(&piece);
+        let flow = sink.text(release);
+        if stopped {
+            break StopReason::StopSequence;
         }
-        if tokens.len() >= max_tokens {
+        if flow.is_break() {
+            break StopReason::Cancelled;
+        }
+        if tokens.len() >= opts.max_tokens {
             break StopReason::MaxTokens;
         }
         if session.history().len() >= session.n_ctx() {
             break StopReason::ContextFull;
         }
-        next = sampler.sample(session.decode(next)?);
+        next = Some(sampler.sample(session.decode(token)?));
     };
-    let rest = stream.flush();
-    if !rest.is_empty() {
-        on_text(&rest);
-        text.push_str(&rest);
+    if stop_reason != StopReason::StopSequence {
+        let rest = stream.flush();
+        let (release, stopped) = matcher.push(&rest);
+        let mut tail = release.to_string();
+        if !stopped {
+            tail.push_str(matcher.finish());
+        }
+        if !tail.is_empty() {
+            // The run is over: a request to stop changes nothing now.
+            let _ = sink.text(&tail);
+        }
     }
     Ok(Generation {
         prompt_tokens: new_tokens.len(),
         tokens,
-        text,
+        text: matcher.text,
         stop_reason,
         prefill,
         decode: t1.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    fn run(stop: &[&str], pieces: &[&str]) -> (Vec<String>, bool, String) {
+        let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
+        let mut m = StopMatcher::new(&stop);
+        let mut out = Vec::new();
+        for p in pieces {
+            let (r, hit) = m.push(p);
+            out.push(r.to_string());
+            if hit {
+                return (out, true, m.text);
+            }
+        }
+        out.push(m.finish().to_string());
+        (out, false, m.text)
+    }
+
+    #[test]
+    fn stop_strings_end_the_text_before_them_and_hold_back_prefixes() {
+        assert_eq!(
+            run(&["\nUser:"], &["Hi", " there\n", "Us", "er: more"]),
+            (
+                vec!["Hi".into(), " there".into(), "".into(), "".into()],
+                true,
+                "Hi there".into()
+            )
+        );
+        // A held-back prefix that does not complete is released.
+        assert_eq!(
+            run(&["END"], &["a E", "N", "x"]),
+            (
+                vec!["a ".into(), "".into(), "ENx".into(), "".into()],
+                false,
+                "a ENx".into()
+            )
+        );
+        // The earliest of several stop strings wins; multi-byte text stays whole.
+        assert_eq!(
+            run(&["é!", "b"], &["aé", "!b"]),
+            (vec!["a".into(), "".into()], true, "a".into())
+        );
+        assert_eq!(
+            run(&[], &["x", "y"]),
+            (vec!["x".into(), "y".into(), "".into()], false, "xy".into())
+        );
+    }
 }
