@@ -16,7 +16,8 @@ M=$(cargo run --release --quiet -- inspect 2>/dev/null | awk '/^file/{print $2}'
 if [ $assemble = 0 ]; then
 run() { echo "\$ ${*/#$B/ffnskip}" >> "$W/commands.txt"; "$@"; }
 : > "$W/commands.txt"
-run $B calibrate -m "$M" -t 2 -o "$W/profile.json" > "$W/calibrate.txt"
+run $B calibrate -m "$M" -t 2 --text ../shared/data/wikitext-2/wikitext-2-raw/wiki.test.raw \
+    -o "$W/profile.json" > "$W/calibrate.txt"
 run $B quantize "$M" "$W/smollm2-135m-q8_0.gguf" --type q8_0 2>/dev/null
 run $B quantize "$M" "$W/smollm2-135m-q4_0.gguf" --type q4_0 2>/dev/null
 POL=none,adaptive:0.25,random:0.25,static:0.25,shortgpt:0.25,early-exit:0.25

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::measure::bench::{bench_model, csv, markdown, BenchConfig, PolicySpec};
+use crate::measure::bench::{bench_model, busy_warnings, csv, markdown, BenchConfig, PolicySpec};
 use crate::measure::plot::{draw_svg_png, BenchChart};
 use crate::skip::SkipOptions;
 
@@ -21,9 +21,9 @@ pub struct BenchArgs {
         default_value = "none,adaptive:0.25"
     )]
     pub skip: Vec<String>,
-    /// Worker threads (same for llama.cpp).
-    #[arg(short = 't', long = "threads", default_value_t = 2)]
-    pub threads: usize,
+    /// Worker threads, the same for llama.cpp (default: all cores).
+    #[arg(short = 't', long = "threads", value_parser = super::parse_threads)]
+    pub threads: Option<usize>,
     /// Prefill length in tokens.
     #[arg(long = "prompt-tokens", default_value_t = 512)]
     pub prompt_tokens: usize,
@@ -56,7 +56,6 @@ pub struct BenchArgs {
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.reps >= 1, "--reps must be at least 1");
     anyhow::ensure!(a.gen_tokens >= 1, "--gen-tokens must be at least 1");
-    anyhow::ensure!(a.threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(
         a.prompt_tokens >= 16,
         "--prompt-tokens {} is too short (expected ≥ 16)",
@@ -72,8 +71,19 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     } else {
         a.models.clone()
     };
+    if let Some(base) = &a.plot {
+        let mut inputs: Vec<(&str, &std::path::Path)> =
+            models.iter().map(|m| ("-m/--model", m.as_path())).collect();
+        if let Some(p) = &a.profile {
+            inputs.push(("--skip-profile", p));
+        }
+        let (svg, png) = crate::measure::plot::outputs(base);
+        crate::outfile::ensure_not_input("--plot", &svg, &inputs)?;
+        crate::outfile::ensure_not_input("--plot", &png, &inputs)?;
+    }
+    let threads = super::threads(a.threads);
     let cfg = BenchConfig {
-        threads: a.threads,
+        threads,
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
         reps: a.reps,
@@ -91,18 +101,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             eprintln!("  {line}")
         })?);
     }
+    let warnings = busy_warnings(&rows, cfg.threads);
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        super::outln(&serde_json::to_string_pretty(&rows)?)?;
     } else if a.csv {
-        print!("{}", csv(&rows));
+        super::out(&csv(&rows))?;
     } else {
-        print!("{}", markdown(&rows, &cfg));
+        super::out(&markdown(&rows, &cfg))?;
+        for w in &warnings {
+            super::outln(&format!("\n**Warning:** {w}"))?;
+        }
     }
     if let Some(base) = &a.plot {
         let (svg, png) = draw_svg_png(
             &BenchChart {
                 rows: &rows,
-                title: format!("Decode speed vs FFN skip ratio ({} threads)", a.threads),
+                title: format!("Decode speed vs FFN skip ratio ({threads} threads)"),
             },
             base,
             (900, 600),

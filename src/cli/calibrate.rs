@@ -1,22 +1,30 @@
 //! `ffnskip calibrate`: measure a model's per-layer similarity profile on calibration text,
 //! write it as JSON and as SVG/PNG plots, and optionally embed it in a copy of the GGUF.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 
 use super::{model_path, open_gguf, ModelArgs};
 use crate::measure::calibrate::calibrate;
-use crate::measure::plot::{draw_svg_png, ProfileChart};
+use crate::measure::plot::{draw_svg_png, outputs, ProfileChart};
 use crate::model::Llama;
+use crate::outfile::ensure_not_input;
+use crate::skip_setup::profile_file;
 use crate::tokenizer::Tokenizer;
+
+/// The default calibration text: one wikitext-2 article (CC BY-SA 3.0; provenance in
+/// vendor/calibration/PROVENANCE.md).
+const DEFAULT_TEXT: &str = include_str!("../../vendor/calibration/wikitext-2-test-the-hustler.txt");
+const DEFAULT_TEXT_NAME: &str = "wikitext-2 test, \"The Hustler ( film )\" (built in)";
 
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Calibration text file (default: wikitext-2 test from ../shared/data).
+    /// Calibration text file (default: a wikitext-2 article carried in the binary, see
+    /// vendor/calibration/PROVENANCE.md).
     #[arg(long)]
     pub text: Option<PathBuf>,
     /// Tokens of the text to run.
@@ -47,18 +55,41 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         a.full_every != 1,
         "--full-every 1 would never skip (use 0 or ≥ 2)"
     );
-    let text_path = match &a.text {
-        Some(p) => p.clone(),
-        None => crate::measure::wikitext_test().context(
-            "no calibration text: ../shared/data/wikitext-2 is not here; pass --text FILE",
-        )?,
-    };
     let path = model_path(&a.model.model)?;
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{stem}.ffnskip-profile.json")));
+    let plots = outputs(&out.with_extension(""));
+    // Every output is checked against every input before the long measurement.
+    let mut inputs: Vec<(&str, &Path)> = vec![("-m/--model", &path)];
+    if let Some(t) = &a.text {
+        inputs.push(("--text", t));
+    }
+    for (what, o) in [("-o/--out", &out), ("plot", &plots.0), ("plot", &plots.1)] {
+        ensure_not_input(what, o, &inputs)?;
+    }
+    if let Some(dst) = &a.embed {
+        inputs.push(("-o/--out", &out));
+        ensure_not_input("--embed", dst, &inputs)?;
+    }
+    let (text, text_name) = match &a.text {
+        Some(p) => (
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read calibration text --text {}", p.display()))?,
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
+        ),
+        None => (DEFAULT_TEXT.to_string(), DEFAULT_TEXT_NAME.to_string()),
+    };
     let (file, _) = open_gguf(&path)?;
     let model = Llama::load(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let text = std::fs::read_to_string(&text_path)
-        .with_context(|| format!("cannot read calibration text {}", text_path.display()))?;
     // Tokenize a prefix generous enough for `tokens` (≈ 4 characters per token).
     let mut end = text.len().min(a.tokens.saturating_mul(8).max(4096));
     while !text.is_char_boundary(end) {
@@ -68,18 +99,10 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     ids.truncate(a.tokens.min(model.config.n_ctx_train));
     anyhow::ensure!(
         ids.len() >= 2,
-        "{}: the calibration text gave {} tokens (need ≥ 2)",
-        text_path.display(),
+        "{text_name}: the calibration text gave {} tokens (need ≥ 2)",
         ids.len()
     );
-    let source = format!(
-        "{} (first {} tokens)",
-        text_path.file_name().map_or_else(
-            || text_path.display().to_string(),
-            |n| n.to_string_lossy().into_owned()
-        ),
-        ids.len()
-    );
+    let source = format!("{text_name} (first {} tokens)", ids.len());
     eprintln!(
         "calibrating {} on {source} with {} threads…",
         path.display(),
@@ -89,14 +112,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     let (profile, _) = calibrate(&model, &ids, a.model.threads(), &source, a.full_every)?;
     eprintln!("measured in {:.1} s", t0.elapsed().as_secs_f64());
 
-    let stem = path
-        .file_stem()
-        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{stem}.ffnskip-profile.json")));
-    profile.save_json(&out)?;
+    profile_file::save_json(&profile, &out)?;
     let title = format!("{stem}: FFN similarity profile ({} tokens)", profile.tokens);
     let (svg, png) = draw_svg_png(
         &ProfileChart {
@@ -107,9 +123,9 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         (900, 700),
     )?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&profile)?);
+        super::outln(&serde_json::to_string_pretty(&profile)?)?;
     } else {
-        print!("{}", table(&profile));
+        super::out(&table(&profile))?;
     }
     eprintln!(
         "wrote {}, {}, {}",
@@ -118,12 +134,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         png.display()
     );
     if let Some(dst) = &a.embed {
-        anyhow::ensure!(
-            dst.canonicalize().ok() != path.canonicalize().ok() || !dst.exists(),
-            "--embed {} would overwrite the model being read; choose another path",
-            dst.display()
-        );
-        profile.embed(&file, dst)?;
+        profile_file::embed(&profile, &file, dst)?;
         eprintln!(
             "wrote {} (the model with its profile; `generate --skip adaptive` uses it)",
             dst.display()

@@ -1,15 +1,20 @@
 //! `ffnskip chat`: interactive, streaming, with the model's chat template; the KV cache is
-//! kept across turns (only the new part of the conversation is evaluated).
+//! kept across turns and the oldest turns make room when the context is full
+//! ([`crate::conversation`]). Ctrl-C stops the answer; a second Ctrl-C or Ctrl-D exits.
 
 use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
 
 use clap::Args;
 
-use super::{model_path, open_gguf, ModelArgs, SamplingArgs, SkipArgs};
-use crate::chat::{ChatTemplate, Message};
+use super::{
+    model_path, open_gguf, out, ModelArgs, PromptProgress, SamplingArgs, SkipArgs, StopArgs,
+};
+use crate::conversation::{template_of, Conversation, Reply};
+use crate::interrupt::Answer;
 use crate::model::Llama;
 use crate::sampling::Sampler;
-use crate::session::{generate, Session, SessionConfig, StopReason};
+use crate::session::{GenerateSink, Session, SessionConfig, StopReason};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Args, Debug)]
@@ -26,6 +31,35 @@ pub struct ChatArgs {
     /// Most tokens per answer.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 512)]
     pub max_tokens: usize,
+    #[command(flatten)]
+    pub stop: StopArgs,
+}
+
+const HELP: &str = "commands: /help this list · /reset start a new conversation (the system \
+prompt stays) · /exit or Ctrl-D quit · Ctrl-C stops an answer";
+
+/// Streams an answer to stdout; stops on Ctrl-C or a closed stdout.
+struct ChatSink<'a> {
+    answer: &'a Answer,
+    progress: PromptProgress,
+    closed: bool,
+}
+
+impl GenerateSink for ChatSink<'_> {
+    fn text(&mut self, piece: &str) -> ControlFlow<()> {
+        if !piece.is_empty() && out(piece).is_err() {
+            self.closed = true;
+        }
+        if self.closed || self.answer.cancelled() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    fn prefill_progress(&mut self, done: usize, total: usize) {
+        self.progress.update(done, total);
+    }
 }
 
 pub fn run(a: ChatArgs) -> anyhow::Result<()> {
@@ -33,26 +67,16 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
     let (file, _) = open_gguf(&path)?;
     let model = Llama::load(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let source = file
-        .opt_str("tokenizer.chat_template")?
-        .ok_or_else(|| crate::chat::ChatError::NoTemplate(path.display().to_string()))?;
-    let bos = tokenizer
-        .bos()
-        .map_or("", |t| tokenizer.token_text(t))
-        .to_string();
-    let eos = tokenizer
-        .eos()
-        .map_or("", |t| tokenizer.token_text(t))
-        .to_string();
-    let template = ChatTemplate::new(&path.display().to_string(), source, &bos, &eos)?;
+    let template = template_of(&file, &tokenizer)?;
     let config = SessionConfig::new(a.model.ctx(model.config.n_ctx_train), a.model.threads());
     let controller = a.skip.controller(&model, &file, a.sampling.seed)?;
     let mut session = Session::with_hook(&model, config, controller)?;
     let mut sampler = Sampler::new(a.sampling.config()?);
-    let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
-    let base = messages.clone();
+    a.stop.apply(&mut sampler, &tokenizer);
+    let opts = a.stop.options(a.max_tokens);
+    let mut chat = Conversation::new(&template, &tokenizer, a.system.as_deref());
     eprintln!(
-        "ffnskip chat — {} ({} ctx). Type /reset to start over, /exit to quit.",
+        "ffnskip chat — {} ({} ctx). /help lists the commands.",
         path.display(),
         session.n_ctx()
     );
@@ -61,75 +85,81 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
     loop {
         eprint!("> ");
         let _ = std::io::stderr().flush();
-        let Some(line) = lines.next() else { break };
+        let Some(line) = lines.next() else {
+            eprintln!();
+            break;
+        };
         let line = line?;
         let input = line.trim();
-        match input {
-            "" => continue,
-            "/exit" | "/quit" => break,
-            "/reset" => {
-                messages = base.clone();
-                session.reset();
-                sampler.reset();
-                eprintln!("(conversation reset)");
-                continue;
-            }
-            _ => {}
+        if input.is_empty() {
+            continue;
         }
-        messages.push(Message::new("user", input));
-        let text = template.render(&messages, true)?;
-        let ids = tokenizer.encode(&text, true, true);
-        // Reuse the cached prefix; evaluate only what is new.
-        let common = session
-            .history()
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let common = common.min(ids.len().saturating_sub(1));
-        session.truncate(common);
+        if let Some(cmd) = input.strip_prefix('/') {
+            match cmd {
+                "exit" | "quit" => break,
+                "help" => eprintln!("{HELP}"),
+                "reset" => {
+                    chat.reset();
+                    session.reset();
+                    sampler.reset();
+                    eprintln!("(conversation reset)");
+                }
+                _ => eprintln!("unknown command /{cmd}: not sent to the model. {HELP}"),
+            }
+            continue;
+        }
         session.timings = Default::default();
         session.hook.reset_stats();
-        let stdout = std::io::stdout();
-        let mut emit = |piece: &str| {
-            let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
+        let answer = Answer::start();
+        let mut sink = ChatSink {
+            answer: &answer,
+            progress: PromptProgress::new(),
+            closed: false,
         };
-        let g = match generate(
-            &mut session,
-            &tokenizer,
-            &mut sampler,
-            &ids[common..],
-            a.max_tokens,
-            &mut emit,
-        ) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("\nerror: {e:#} — use /reset to start a new conversation");
-                messages.pop();
-                continue;
+        let reply = chat.reply(&mut session, &mut sampler, input, &opts, &mut sink);
+        sink.progress.finish();
+        let closed = sink.closed;
+        drop(answer);
+        if closed {
+            return Err(super::StdoutClosed.into());
+        }
+        match reply {
+            Ok(r) => {
+                out("\n")?;
+                let skip = (session.hook.params().policy != crate::skip::Policy::None)
+                    .then(|| session.hook.stats.ratio());
+                eprintln!("{}", summary(&r, skip));
             }
-        };
-        println!();
-        let note = match g.stop_reason {
-            StopReason::Eos => "",
-            StopReason::MaxTokens => ", cut at --max-tokens",
-            StopReason::ContextFull => ", context full: /reset to continue",
-        };
-        let skip = if session.hook.params().policy == crate::skip::Policy::None {
-            String::new()
-        } else {
-            format!(", FFN skip {:.1}%", session.hook.stats.ratio() * 100.0)
-        };
-        eprintln!(
-            "[{} tokens, {:.1} tok/s{skip}, prompt {} new tokens at {:.1} tok/s{note}]",
-            g.tokens.len(),
-            g.decode_tokens_per_s(),
-            g.prompt_tokens,
-            g.prefill_tokens_per_s()
-        );
-        messages.push(Message::new("assistant", &g.text));
+            Err(e) => eprintln!("\nerror: {e:#}"),
+        }
     }
     Ok(())
+}
+
+/// `[12 tokens, 80.1 tok/s, FFN skip 24.8%, prompt 30 new tokens at 300.0 tok/s, stop: eos]`,
+/// with a line before it when old turns were dropped.
+fn summary(r: &Reply, skip_ratio: Option<f64>) -> String {
+    let g = &r.generation;
+    let mut s = String::new();
+    if r.dropped_messages > 0 {
+        s.push_str(&format!(
+            "(context full: dropped the {} oldest messages, kept the system prompt, re-processed {} tokens)\n",
+            r.dropped_messages, r.evaluated_tokens
+        ));
+    }
+    let skip = skip_ratio.map_or(String::new(), |r| format!(", FFN skip {:.1}%", r * 100.0));
+    let note = match g.stop_reason {
+        StopReason::ContextFull => " — the next message drops the oldest turns",
+        StopReason::Cancelled => " — interrupted, the conversation goes on",
+        _ => "",
+    };
+    s.push_str(&format!(
+        "[{} tokens, {:.1} tok/s{skip}, prompt {} new tokens at {:.1} tok/s, stop: {}{note}]",
+        g.tokens.len(),
+        g.decode_tokens_per_s(),
+        g.prompt_tokens,
+        g.prefill_tokens_per_s(),
+        g.stop_reason
+    ));
+    s
 }

@@ -39,8 +39,9 @@ pub struct EvalArgs {
     /// Most tokens generated per answer for agreement and summarize.
     #[arg(long = "gen-tokens", default_value_t = 96)]
     pub gen_tokens: usize,
-    #[arg(short = 't', long = "threads", default_value_t = 2)]
-    pub threads: usize,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long = "threads", value_parser = super::parse_threads)]
+    pub threads: Option<usize>,
     /// Calibration profile for adaptive/shortgpt (default: the one embedded in the model).
     #[arg(long = "skip-profile")]
     pub profile: Option<PathBuf>,
@@ -112,7 +113,6 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             }
         }
     }
-    anyhow::ensure!(a.threads >= 1, "--threads must be at least 1");
     let (limit, task_limits) = parse_limits(&a.limit)?;
     let specs = a
         .skip
@@ -131,7 +131,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         data: a.data.clone(),
         limit,
         task_limits,
-        threads: a.threads,
+        threads: super::threads(a.threads),
         base: SkipOptions {
             warmup: a.warmup,
             threshold: a.threshold,
@@ -148,14 +148,14 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     for task in tasks {
         let report = ev.run(task, &mut |line| eprintln!("{line}"))?;
         if a.json {
-            println!("{}", serde_json::to_string(&report)?);
+            super::outln(&serde_json::to_string(&report)?)?;
         } else {
-            println!("{}", markdown(&report));
+            super::outln(&markdown(&report))?;
         }
         reports.push(report);
     }
     if !a.json && reports.len() > 1 {
-        println!("### Summary\n\n{}", summary_markdown(&reports));
+        super::outln(&format!("### Summary\n\n{}", summary_markdown(&reports)))?;
     }
     eprintln!("per-item results in {}", ev.cfg.out_dir.display());
     Ok(())

@@ -1,15 +1,19 @@
 //! `ffnskip generate`: raw-prompt completion, streamed, or one JSON object with `--json`.
 
-use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use clap::Args;
 use serde_json::json;
 
-use super::{model_path, open_gguf, read_prompt, skip_json, ModelArgs, SamplingArgs, SkipArgs};
+use super::{
+    model_path, open_gguf, out, outln, read_prompt, skip_json, ModelArgs, PromptProgress,
+    SamplingArgs, SkipArgs, StdoutClosed, StopArgs,
+};
+use crate::conversation::{single_turn_prompt, template_of};
 use crate::model::Llama;
 use crate::sampling::Sampler;
-use crate::session::{generate, Session, SessionConfig};
+use crate::session::{generate, GenerateSink, Session, SessionConfig};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Args, Debug)]
@@ -19,12 +23,18 @@ pub struct GenerateArgs {
     /// Prompt text.
     #[arg(short = 'p', long = "prompt")]
     pub prompt: Option<String>,
-    /// Read the prompt from a file.
+    /// Read the prompt from a file (`-` reads stdin; at most 16 MiB).
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
-    /// Tokens to generate at most.
+    /// Tokens to generate at most (0: evaluate the prompt only).
     #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
     pub max_tokens: usize,
+    /// System prompt: the prompt is then sent as a user message through the model's chat
+    /// template instead of as raw text.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub stop: StopArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -32,6 +42,36 @@ pub struct GenerateArgs {
     /// Print one JSON object (ids, text, timings) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// With --json: each generated token's per-layer decisions under `skip.decisions` (F ran,
+    /// s skipped, x layer removed, e exited).
+    #[arg(long = "skip-trace")]
+    pub skip_trace: bool,
+}
+
+/// Streams text to stdout unless `--json`; a closed stdout stops generation.
+struct Stream {
+    json: bool,
+    closed: bool,
+    progress: PromptProgress,
+}
+
+impl GenerateSink for Stream {
+    fn text(&mut self, piece: &str) -> ControlFlow<()> {
+        if self.json || piece.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        match out(piece) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => {
+                self.closed = true;
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    fn prefill_progress(&mut self, done: usize, total: usize) {
+        self.progress.update(done, total);
+    }
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -41,8 +81,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let (file, start) = open_gguf(&path)?;
     let model = Llama::load(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
+    let prompt = match &a.system {
+        Some(system) => {
+            single_turn_prompt(&template_of(&file, &tokenizer)?, Some(system), &prompt)?
+        }
+        None => prompt,
+    };
     let config = SessionConfig::new(a.model.ctx(model.config.n_ctx_train), a.model.threads());
-    let controller = a.skip.controller(&model, &file, a.sampling.seed)?;
+    let mut controller = a.skip.controller(&model, &file, a.sampling.seed)?;
+    controller.record_decisions(a.skip_trace);
     let mut session = Session::with_hook(&model, config, controller)?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     // As llama.cpp tokenizes a raw prompt: BOS only if the metadata asks, specials parsed.
@@ -51,24 +98,26 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("the prompt is empty after tokenization");
     }
     let mut sampler = Sampler::new(sampler_config);
-    let stdout = std::io::stdout();
-    let json = a.json;
-    let mut emit = |piece: &str| {
-        if !json {
-            let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
+    a.stop.apply(&mut sampler, &tokenizer);
+    let mut stream = Stream {
+        json: a.json,
+        closed: false,
+        progress: PromptProgress::new(),
     };
     let g = generate(
         &mut session,
         &tokenizer,
         &mut sampler,
         &ids,
-        a.max_tokens,
-        &mut emit,
-    )?;
-    if json {
+        &a.stop.options(a.max_tokens),
+        &mut stream,
+    );
+    stream.progress.finish();
+    if stream.closed {
+        return Err(StdoutClosed.into());
+    }
+    let g = g?;
+    if a.json {
         let obj = json!({
             "model": path.display().to_string(),
             "prompt_tokens": g.prompt_tokens,
@@ -82,9 +131,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "stop_reason": g.stop_reason,
             "skip": skip_json(&session.hook),
         });
-        println!("{obj}");
+        outln(&obj.to_string())?;
     } else {
-        println!();
+        out("\n")?;
         let st = &session.hook.stats;
         let skip = if session.hook.params().policy == crate::skip::Policy::None {
             String::new()
@@ -97,7 +146,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             )
         };
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s{skip}, stop: {:?}, load {:.0} ms]",
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s{skip}, stop: {}, load {:.0} ms]",
             g.prompt_tokens,
             g.prefill_tokens_per_s(),
             g.tokens.len(),

@@ -22,7 +22,7 @@ pub struct InspectArgs {
 pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     let path = model_path(&a.file)?;
     let (file, _) = open_gguf(&path)?;
-    print!("{}", report(&file, a.metadata));
+    super::out(&report(&file, a.metadata))?;
     Ok(())
 }
 

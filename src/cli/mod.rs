@@ -10,7 +10,8 @@ mod inspect;
 mod quantize;
 mod tokenize;
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -19,7 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::gguf::GgufFile;
 use crate::model::Llama;
 use crate::sampling::SamplerConfig;
-use crate::skip::{Policy, Profile, SkipController, SkipOptions, SkipParams};
+use crate::skip::{Policy, SkipController, SkipOptions};
 
 #[derive(Parser)]
 #[command(
@@ -64,23 +65,74 @@ pub struct ModelArgs {
     /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
     #[arg(short = 'm', long = "model")]
     pub model: Option<PathBuf>,
-    /// Worker threads (default: available cores).
-    #[arg(short = 't', long = "threads")]
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long = "threads", value_parser = parse_threads)]
     pub threads: Option<usize>,
     /// Context size in tokens (default: min(4096, the model's training context)).
-    #[arg(short = 'c', long = "ctx")]
+    #[arg(short = 'c', long = "ctx", value_parser = parse_ctx)]
     pub ctx: Option<usize>,
 }
 
 impl ModelArgs {
     pub fn threads(&self) -> usize {
-        self.threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1)
+        threads(self.threads)
     }
 
+    /// `-c`, or the default; warns when it exceeds the context the model was trained on.
     pub fn ctx(&self, n_ctx_train: usize) -> usize {
-        self.ctx.unwrap_or(4096.min(n_ctx_train)).max(1)
+        match self.ctx {
+            Some(c) => {
+                if c > n_ctx_train {
+                    eprintln!(
+                        "warning: -c/--ctx {c} is above the model's training context of \
+                         {n_ctx_train} tokens; quality degrades past it"
+                    );
+                }
+                c
+            }
+            None => 4096.min(n_ctx_train).max(1),
+        }
+    }
+}
+
+/// `-c`: at least 1.
+fn parse_ctx(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("a context of 0 tokens holds nothing: expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
+/// `-t`: at least 1.
+fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("0 threads: expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
+/// Cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The thread count every command uses: `-t`, else all cores; warns above the core count
+/// (each extra thread waits for a core and slows every step).
+pub fn threads(arg: Option<usize>) -> usize {
+    let n = cores();
+    match arg {
+        Some(t) => {
+            if t > n {
+                eprintln!(
+                    "warning: -t/--threads {t} is more than the {n} cores available; \
+                     expect it to run slower than -t {n}"
+                );
+            }
+            t.max(1)
+        }
+        None => n,
     }
 }
 
@@ -153,6 +205,92 @@ impl SamplingArgs {
     }
 }
 
+/// What else ends an answer, shared by `generate` and `chat` (llama.cpp's flags).
+#[derive(Args, Clone, Debug)]
+pub struct StopArgs {
+    /// Keep generating past end-of-generation tokens (they are never sampled).
+    #[arg(long = "ignore-eos")]
+    pub ignore_eos: bool,
+    /// Stop when the generated text contains STR (repeatable); the text ends before it and
+    /// the stop reason is `stop_sequence`.
+    #[arg(
+        short = 'r',
+        long = "stop",
+        visible_alias = "reverse-prompt",
+        value_name = "STR"
+    )]
+    pub stop: Vec<String>,
+}
+
+impl StopArgs {
+    /// Bans the end-of-generation tokens with `--ignore-eos`.
+    pub fn apply(
+        &self,
+        sampler: &mut crate::sampling::Sampler,
+        tokenizer: &crate::tokenizer::Tokenizer,
+    ) {
+        if self.ignore_eos {
+            sampler.ban(tokenizer.eog_tokens());
+        }
+    }
+
+    pub fn options(&self, max_tokens: usize) -> crate::session::GenerateOptions {
+        crate::session::GenerateOptions {
+            max_tokens,
+            stop: self
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// A progress bar on stderr for prompts that take more than a second to evaluate.
+pub struct PromptProgress {
+    start: Instant,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl PromptProgress {
+    pub fn new() -> Self {
+        PromptProgress {
+            start: Instant::now(),
+            bar: None,
+        }
+    }
+
+    /// `done` of `total` prompt positions evaluated.
+    pub fn update(&mut self, done: usize, total: usize) {
+        if self.bar.is_none() && done < total && self.start.elapsed().as_secs_f64() > 1.0 {
+            let bar = indicatif::ProgressBar::new(total as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "prompt [{bar:30}] {pos}/{len} tokens, {per_sec}, {eta} left",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            self.bar = Some(bar);
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(done as u64);
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Default for PromptProgress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// FFN skipping flags shared by `generate` and `chat`.
 #[derive(Args, Clone, Debug)]
 pub struct SkipArgs {
@@ -181,10 +319,6 @@ pub struct SkipArgs {
     /// model, if any).
     #[arg(long = "skip-profile")]
     pub profile: Option<PathBuf>,
-    /// With --json: each generated token's per-layer decisions (F ran, s skipped, x layer
-    /// removed, e exited).
-    #[arg(long = "skip-trace")]
-    pub trace: bool,
 }
 
 impl SkipArgs {
@@ -211,26 +345,12 @@ impl SkipArgs {
         file: &GgufFile,
         seed: Option<u64>,
     ) -> anyhow::Result<SkipController> {
-        let n_layer = model.config.n_layer;
         let opts = self.options(seed);
-        let params = if opts.policy == Policy::None {
-            SkipParams::none(n_layer)
-        } else {
-            let (profile, from) = match &self.profile {
-                Some(p) => (Some(Profile::load_json(p)?), p.display().to_string()),
-                None => (
-                    Profile::from_gguf(file)?,
-                    format!("{} (embedded)", file.path().display()),
-                ),
-            };
-            let params =
-                SkipParams::resolve(&opts, n_layer, profile.as_ref().map(|p| (p, from.as_str())))?;
-            eprintln!("{}", params.describe());
-            params
-        };
-        let mut c = SkipController::new(params, model.layer_bytes());
-        c.record_decisions(self.trace);
-        Ok(c)
+        let setup = crate::skip_setup::controller(&opts, self.profile.as_deref(), model, file)?;
+        if self.skip != Policy::None {
+            eprintln!("{}", setup.description);
+        }
+        Ok(setup.controller)
     }
 }
 
@@ -268,8 +388,25 @@ pub fn skip_json(c: &SkipController) -> serde_json::Value {
 /// The model file to use: `-m PATH`, or the default model (fetched on first use).
 pub fn model_path(arg: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
     match arg {
-        Some(p) => Ok(p.clone()),
+        Some(p) => {
+            check_input_file("-m/--model", p)?;
+            Ok(p.clone())
+        }
         None => crate::fetch::default_model(),
+    }
+}
+
+/// An input file that must exist and be a file (not a directory).
+pub fn check_input_file(what: &str, p: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => {
+            anyhow::bail!("{what} {}: is a directory, expected a file", p.display())
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!("{what} {}: no such file", p.display())
+        }
+        Err(e) => anyhow::bail!("{what} {}: {e}", p.display()),
     }
 }
 
@@ -280,7 +417,28 @@ pub fn open_gguf(path: &PathBuf) -> anyhow::Result<(GgufFile, Instant)> {
     Ok((file, start))
 }
 
+/// stdout was closed by its reader (`| head`): the run ends quietly.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout is closed")]
+pub struct StdoutClosed;
+
+/// Writes `text` to stdout and flushes it; a closed stdout becomes [`StdoutClosed`].
+pub fn out(text: &str) -> anyhow::Result<()> {
+    let mut o = std::io::stdout().lock();
+    match o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+    }
+}
+
+/// [`out`] with a newline.
+pub fn outln(text: &str) -> anyhow::Result<()> {
+    out(&format!("{text}\n"))
+}
+
 pub fn main() -> std::process::ExitCode {
+    crate::interrupt::install();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
@@ -295,6 +453,7 @@ pub fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<StdoutClosed>() => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -302,13 +461,42 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-/// Reads a prompt from `-p` or `-f`.
+/// Most bytes of prompt read from `-f` (16 MiB, about 4 million tokens: far past any
+/// model's context).
+pub const MAX_PROMPT_BYTES: u64 = 16 << 20;
+
+/// Reads a prompt from `-p`, or `-f FILE` (`-f -` is stdin), at most [`MAX_PROMPT_BYTES`].
 pub fn read_prompt(prompt: &Option<String>, file: &Option<PathBuf>) -> anyhow::Result<String> {
     match (prompt, file) {
         (Some(p), None) => Ok(p.clone()),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading prompt file {}", f.display())),
+        (None, Some(f)) => {
+            let name = if f.as_os_str() == "-" {
+                "stdin".to_string()
+            } else {
+                check_input_file("-f/--file", f)?;
+                f.display().to_string()
+            };
+            let reader: Box<dyn Read> = if f.as_os_str() == "-" {
+                Box::new(std::io::stdin().lock())
+            } else {
+                Box::new(
+                    std::fs::File::open(f)
+                        .with_context(|| format!("-f/--file {name}: cannot open"))?,
+                )
+            };
+            let mut bytes = Vec::new();
+            reader
+                .take(MAX_PROMPT_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .with_context(|| format!("-f/--file {name}: cannot read"))?;
+            anyhow::ensure!(
+                bytes.len() as u64 <= MAX_PROMPT_BYTES,
+                "-f/--file {name}: the prompt is longer than the limit of {MAX_PROMPT_BYTES} bytes"
+            );
+            String::from_utf8(bytes)
+                .map_err(|e| anyhow::anyhow!("-f/--file {name}: not UTF-8 text ({e})"))
+        }
         (Some(_), Some(_)) => anyhow::bail!("give either -p/--prompt or -f/--file, not both"),
-        (None, None) => anyhow::bail!("no prompt: give -p TEXT or -f FILE"),
+        (None, None) => anyhow::bail!("no prompt: give -p TEXT, -f FILE or -f - (stdin)"),
     }
 }

@@ -14,7 +14,7 @@ use crate::gguf::{GgmlType, GgufFile};
 pub struct QuantizeArgs {
     /// Input GGUF model (F32/F16/BF16 ideally; quantized input is requantized, with a warning).
     pub input: PathBuf,
-    /// Output GGUF file (written through OUT.partial, then renamed; must not be the input).
+    /// Output GGUF file (written to a temporary file, then renamed; must not be the input).
     pub output: PathBuf,
     /// Target: q8_0, q6_k, q5_k (llama.cpp's Q5_K_M mix), q5_0, q4_k (Q4_K_M mix), q4_1,
     /// q4_0 or f16.

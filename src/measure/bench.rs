@@ -11,7 +11,8 @@ use crate::gguf::{GgmlType, GgufFile};
 use crate::model::Llama;
 use crate::peer::{argmax, LlamaCpp, PeerMode};
 use crate::session::{Session, SessionConfig};
-use crate::skip::{Policy, Profile, SkipController, SkipOptions, SkipParams};
+use crate::skip::{Policy, SkipOptions};
+use crate::skip_setup;
 
 /// One policy to measure: `name[:ratio]` on the command line.
 #[derive(Clone, Debug)]
@@ -112,6 +113,72 @@ pub struct BenchRow {
     pub weight_bytes_per_token: f64,
     /// `weight_bytes_per_token × median decode tok/s`.
     pub gb_per_s: f64,
+    /// Highest 1-minute load average seen after a repetition (Linux `/proc/loadavg`).
+    pub load_average_max: Option<f64>,
+}
+
+/// The 1-minute load average, where the system reports one.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Signs that something else ran while `rows` were measured: a load average above the
+/// thread count, or a run more than 3× off its own series' median.
+pub fn busy_warnings(rows: &[BenchRow], threads: usize) -> Vec<String> {
+    let mut w = Vec::new();
+    if let Some(load) = rows
+        .iter()
+        .filter_map(|r| r.load_average_max)
+        .reduce(f64::max)
+    {
+        if load > threads as f64 {
+            w.push(format!(
+                "the load average reached {load:.2} with {threads} benchmark threads: another \
+                 process was running, so these figures are unreliable"
+            ));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for r in rows {
+        let series = [
+            (
+                format!("{} {}", r.model, r.policy),
+                "decode",
+                &r.decode_tokens_per_s,
+            ),
+            (
+                format!("{} {}", r.model, r.policy),
+                "prefill",
+                &r.prefill_tokens_per_s,
+            ),
+            (
+                format!("{} llama.cpp", r.model),
+                "decode",
+                &r.llama_cpp_decode_tokens_per_s,
+            ),
+            (
+                format!("{} llama.cpp", r.model),
+                "prefill",
+                &r.llama_cpp_prefill_tokens_per_s,
+            ),
+        ];
+        for (who, what, s) in series {
+            let off = s.median > 0.0 && (s.max > 3.0 * s.median || s.min * 3.0 < s.median);
+            if off && seen.insert(format!("{who} {what}")) {
+                w.push(format!(
+                    "{who}: a {what} run was more than 3× off its median ({:.1} tok/s, range \
+                     {:.1}–{:.1}): the machine was busy, rerun",
+                    s.median, s.min, s.max
+                ));
+            }
+        }
+    }
+    w
 }
 
 /// The most common matrix type by bytes (the model's "quant type").
@@ -146,11 +213,7 @@ pub fn bench_model(
     let text = FILLER.repeat(cfg.prompt_tokens / 8 + 8);
     let mut prompt = peer.tokenize(&text, false, false);
     prompt.truncate(cfg.prompt_tokens.max(16));
-    let profile = match &cfg.profile {
-        Some(p) => Some((Profile::load_json(p)?, p.display().to_string())),
-        None => Profile::from_gguf(&file)?.map(|p| (p, format!("{} (embedded)", path.display()))),
-    };
-    let n_layer = model.config.n_layer;
+    let profile = skip_setup::load_profile(cfg.profile.as_deref(), &file)?;
     let mut sessions = Vec::new();
     for spec in specs {
         let opts = SkipOptions {
@@ -158,24 +221,20 @@ pub fn bench_model(
             ratio: Some(spec.ratio),
             ..cfg.base.clone()
         };
-        let params = SkipParams::resolve(
-            &opts,
-            n_layer,
-            profile.as_ref().map(|(p, from)| (p, from.as_str())),
-        )
-        .map_err(|e| anyhow::anyhow!("{}: --skip {}: {e}", path.display(), spec.label()))?;
-        progress(&params.describe());
-        let c = SkipController::new(params, model.layer_bytes());
+        let setup = skip_setup::build(&opts, profile.as_ref(), &model)
+            .map_err(|e| anyhow::anyhow!("{}: --skip {}: {e}", path.display(), spec.label()))?;
+        progress(&setup.description);
         sessions.push(Session::with_hook(
             &model,
             SessionConfig::new(n_ctx, cfg.threads),
-            c,
+            setup.controller,
         )?);
     }
     let full_bytes = model.bytes_per_token() as f64;
     let n = specs.len();
     let (mut tg, mut pp) = (vec![Vec::new(); n], vec![Vec::new(); n]);
     let (mut ptg, mut ppp) = (Vec::new(), Vec::new());
+    let mut load_max: Option<f64> = None;
     let mut skipped_bytes = vec![0f64; n];
     let mut ratio = vec![0f64; n];
     for rep in 0..=cfg.reps {
@@ -223,6 +282,9 @@ pub fn bench_model(
         }
         ptg.push(peer_tg);
         ppp.push(peer_pp);
+        if let Some(l) = load_average() {
+            load_max = Some(load_max.map_or(l, |m: f64| m.max(l)));
+        }
         let med = |v: &[f64]| Summary::of(v).median;
         progress(&format!(
             "rep {rep}/{}: llama.cpp {:.1} tok/s; {}",
@@ -264,6 +326,7 @@ pub fn bench_model(
                 prefill_vs_llama_cpp: p.median / peer_pp.median,
                 weight_bytes_per_token: bytes,
                 gb_per_s: bytes * d.median / 1e9,
+                load_average_max: load_max,
             }
         })
         .collect())
@@ -420,7 +483,32 @@ mod tests {
             prefill_vs_llama_cpp: 1.0,
             weight_bytes_per_token: bytes,
             gb_per_s: 1.0,
+            load_average_max: Some(1.0),
         }
+    }
+
+    #[test]
+    fn busy_machine_is_reported() {
+        let quiet = [row("/m/a.gguf", "Q4_1", "none", 100.0, 1e8)];
+        assert!(busy_warnings(&quiet, 2).is_empty());
+        let mut loaded = quiet.clone();
+        loaded[0].load_average_max = Some(3.5);
+        assert_eq!(
+            busy_warnings(&loaded, 2),
+            [
+                "the load average reached 3.50 with 2 benchmark threads: another process was \
+              running, so these figures are unreliable"
+            ]
+        );
+        let mut outlier = quiet.clone();
+        outlier[0].decode_tokens_per_s = Summary::of(&[100.0, 98.0, 30.0]);
+        assert_eq!(
+            busy_warnings(&outlier, 2),
+            [
+                "/m/a.gguf none: a decode run was more than 3× off its median (98.0 tok/s, range \
+              30.0–100.0): the machine was busy, rerun"
+            ]
+        );
     }
 
     #[test]

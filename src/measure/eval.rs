@@ -3,7 +3,6 @@
 //! interrupted run keeps what it finished and a rerun resumes where it stopped.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,8 +16,9 @@ use crate::chat::{ChatTemplate, Message};
 use crate::gguf::GgufFile;
 use crate::model::Llama;
 use crate::sampling::{Sampler, SamplerConfig};
-use crate::session::{generate, Session, SessionConfig};
-use crate::skip::{Policy, Profile, SkipController, SkipOptions, SkipParams};
+use crate::session::{generate, GenerateOptions, Session, SessionConfig};
+use crate::skip::{Policy, SkipController, SkipOptions};
+use crate::skip_setup::{self, SourcedProfile};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -153,7 +153,7 @@ pub struct Evaluator<'m> {
     pub model: &'m Llama<'m>,
     pub tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
-    profile: Option<(Profile, String)>,
+    profile: Option<SourcedProfile>,
     pub cfg: EvalConfig,
 }
 
@@ -177,12 +177,7 @@ impl<'m> Evaluator<'m> {
             }
             None => None,
         };
-        let profile = match &cfg.profile {
-            Some(p) => Some((Profile::load_json(p)?, p.display().to_string())),
-            None => {
-                Profile::from_gguf(file)?.map(|p| (p, format!("{} (embedded)", path.display())))
-            }
-        };
+        let profile = skip_setup::load_profile(cfg.profile.as_deref(), file)?;
         Ok(Evaluator {
             path: path.to_path_buf(),
             file,
@@ -215,13 +210,9 @@ impl<'m> Evaluator<'m> {
             ratio: Some(spec.ratio),
             ..self.cfg.base.clone()
         };
-        let params = SkipParams::resolve(
-            &opts,
-            self.model.config.n_layer,
-            self.profile.as_ref().map(|(p, f)| (p, f.as_str())),
-        )
-        .with_context(|| format!("--skip {}", spec.label()))?;
-        Ok(SkipController::new(params, self.model.layer_bytes()))
+        let setup = skip_setup::build(&opts, self.profile.as_ref(), self.model)
+            .with_context(|| format!("--skip {}", spec.label()))?;
+        Ok(setup.controller)
     }
 
     /// Prompt ids: the chat template around `user` when the model has one, else `raw`.
@@ -308,6 +299,14 @@ impl<'m> Evaluator<'m> {
         let mut results = Vec::new();
         for spec in self.specs() {
             let path = dir.join(format!("{}.jsonl", spec.label().replace(':', "-")));
+            let mut inputs: Vec<(&str, &Path)> = vec![("-m/--model", &self.path)];
+            if let Some(d) = &self.cfg.data {
+                inputs.push(("--data", d));
+            }
+            if let Some(p) = &self.cfg.profile {
+                inputs.push(("--skip-profile", p));
+            }
+            crate::outfile::ensure_not_input("result file", &path, &inputs)?;
             let mut done = load_records(&path)?;
             let todo = items.iter().filter(|i| !done.contains_key(&i.id())).count();
             progress(&format!(
@@ -323,11 +322,13 @@ impl<'m> Evaluator<'m> {
                     SessionConfig::new(4096.min(self.model.config.n_ctx_train), self.cfg.threads),
                     self.controller(&spec)?,
                 )?;
-                let mut out = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .with_context(|| format!("cannot open {}", path.display()))?;
+                // The whole file is rewritten atomically after each item: an interruption
+                // leaves every finished item and no cut line.
+                let mut jsonl = String::new();
+                for rec in done.values() {
+                    jsonl.push_str(&serde_json::to_string(rec)?);
+                    jsonl.push('\n');
+                }
                 let bar = indicatif::ProgressBar::new(todo as u64).with_style(
                     indicatif::ProgressStyle::with_template(
                         "  {prefix} [{bar:30}] {pos}/{len} {elapsed_precise}",
@@ -341,9 +342,9 @@ impl<'m> Evaluator<'m> {
                     .collect();
                 for item in pending {
                     let rec = self.run_item(&mut session, item, reference.get(&item.id()))?;
-                    writeln!(out, "{}", serde_json::to_string(&rec)?)
-                        .and_then(|_| out.flush())
-                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    jsonl.push_str(&serde_json::to_string(&rec)?);
+                    jsonl.push('\n');
+                    crate::outfile::write_atomic(&path, jsonl.as_bytes())?;
                     done.insert(rec.id.clone(), rec);
                     bar.inc(1);
                 }
@@ -378,7 +379,12 @@ impl<'m> Evaluator<'m> {
         s.reset();
         s.hook.reset_stats();
         let mut m = BTreeMap::new();
-        let (tokens, text, decode_tokens, decode_secs) = match item {
+        let Answer {
+            text,
+            tokens,
+            decode_steps: decode_tokens,
+            decode_secs,
+        } = match item {
             Item::Ppl { tokens, .. } => {
                 // First token as the prompt, the rest teacher-forced with the policy active
                 // per row (warm-up honoured): the same computation as generating them.
@@ -393,7 +399,12 @@ impl<'m> Evaluator<'m> {
                 }
                 m.insert("nll_sum".into(), nll);
                 m.insert("predicted".into(), (tokens.len() - 1) as f64);
-                (Vec::new(), String::new(), (tokens.len() - 2) as u64, secs)
+                Answer {
+                    text: String::new(),
+                    tokens: Vec::new(),
+                    decode_steps: (tokens.len() - 2) as u64,
+                    decode_secs: secs,
+                }
             }
             Item::Qa(q) => {
                 let user = FREEBASEQA_PROMPT.replace("{question}", &q.question);
@@ -402,9 +413,8 @@ impl<'m> Evaluator<'m> {
                 let g = self.greedy(s, &ids, 32)?;
                 m.insert(
                     "correct".into(),
-                    f64::from(u8::from(metrics::answer_matches(&g.0, &q.answers))),
+                    f64::from(u8::from(metrics::answer_matches(&g.text, &q.answers))),
                 );
-                let (tokens, text, n, secs) = (g.1, g.0, g.2, g.3);
                 // Teacher-forced log-probability of the first gold answer, policy active.
                 let stats = s.hook.stats.clone();
                 s.reset();
@@ -431,12 +441,11 @@ impl<'m> Evaluator<'m> {
                 }
                 s.hook.stats = stats;
                 m.insert("gold_logprob".into(), lp);
-                (tokens, text, n, secs)
+                g
             }
             Item::Chat(c) => {
                 let ids = self.prompt(&c.first_turn, &c.first_turn)?;
-                let g = self.greedy(s, &ids, self.cfg.gen_tokens)?;
-                (g.1, g.0, g.2, g.3)
+                self.greedy(s, &ids, self.cfg.gen_tokens)?
             }
             Item::Story(st) => {
                 // Articles longer than the context allows are cut (by words) to fit.
@@ -457,10 +466,10 @@ impl<'m> Evaluator<'m> {
                 let g = self.greedy(s, &ids, self.cfg.gen_tokens)?;
                 m.insert(
                     "rouge_l_reference".into(),
-                    metrics::rouge_l(&g.0, &st.highlights).f1,
+                    metrics::rouge_l(&g.text, &st.highlights).f1,
                 );
                 m.insert("article_words".into(), st.article_words as f64);
-                (g.1, g.0, g.2, g.3)
+                g
             }
         };
         if !matches!(item, Item::Ppl { .. }) {
@@ -493,13 +502,13 @@ impl<'m> Evaluator<'m> {
         })
     }
 
-    /// Greedy answer: (text, tokens, decode steps, decode seconds).
+    /// Greedy answer to `prompt`, at most `max` tokens (fewer when the context is full).
     fn greedy(
         &self,
         s: &mut Session<'_, SkipController>,
         prompt: &[u32],
         max: usize,
-    ) -> anyhow::Result<(String, Vec<u32>, u64, f64)> {
+    ) -> anyhow::Result<Answer> {
         let free = s.n_ctx().saturating_sub(prompt.len() + 1);
         let mut sampler = Sampler::new(SamplerConfig::greedy());
         let g = generate(
@@ -507,12 +516,30 @@ impl<'m> Evaluator<'m> {
             &self.tokenizer,
             &mut sampler,
             prompt,
-            max.min(free).max(1),
-            &mut |_| {},
+            &GenerateOptions {
+                max_tokens: max.min(free).max(1),
+                stop: Vec::new(),
+            },
+            &mut |_: &str| std::ops::ControlFlow::Continue(()),
         )?;
-        let steps = g.tokens.len().saturating_sub(1) as u64;
-        Ok((g.text, g.tokens, steps, g.decode.as_secs_f64()))
+        Ok(Answer {
+            decode_steps: g.tokens.len().saturating_sub(1) as u64,
+            decode_secs: g.decode.as_secs_f64(),
+            text: g.text,
+            tokens: g.tokens,
+        })
     }
+}
+
+/// What an item produced under one policy: generated text and ids (empty for perplexity
+/// windows) and the decode work it took.
+struct Answer {
+    text: String,
+    tokens: Vec<u32>,
+    /// Decode steps (generated tokens after the first, which comes from the prefill; for a
+    /// perplexity window, the teacher-forced rows after the first).
+    decode_steps: u64,
+    decode_secs: f64,
 }
 
 fn load_records(path: &Path) -> anyhow::Result<BTreeMap<String, ItemRecord>> {
