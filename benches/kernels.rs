@@ -80,13 +80,14 @@ fn controller_overhead(c: &mut Criterion) {
         let p = SkipParams::resolve(&opts, model.config.n_layer, None).expect("params");
         SkipController::new(p, model.layer_bytes())
     };
-    let mut plain = Session::with_hook(&model, cfg, NoSkip).expect("session");
+    let mut plain = Session::with_controller(&model, cfg, NoSkip).expect("session");
     plain.prefill(&[1, 2, 3, 4]).expect("prefill");
     let mut t = 5;
     g.bench_function("no_controller", |b| {
         b.iter(|| decode_step(&mut plain, &mut t))
     });
-    let mut none = Session::with_hook(&model, cfg, make(SkipOptions::none())).expect("session");
+    let mut none =
+        Session::with_controller(&model, cfg, make(SkipOptions::none())).expect("session");
     none.prefill(&[1, 2, 3, 4]).expect("prefill");
     g.bench_function("policy_none", |b| b.iter(|| decode_step(&mut none, &mut t)));
     // Adaptive that observes every FFN but never fires: the pure decision cost.
@@ -96,7 +97,7 @@ fn controller_overhead(c: &mut Criterion) {
         ratio: Some(0.25),
         ..SkipOptions::new(Policy::Adaptive)
     };
-    let mut adaptive = Session::with_hook(&model, cfg, make(observing)).expect("session");
+    let mut adaptive = Session::with_controller(&model, cfg, make(observing)).expect("session");
     adaptive.prefill(&[1, 2, 3, 4]).expect("prefill");
     g.bench_function("adaptive_never_firing", |b| {
         b.iter(|| decode_step(&mut adaptive, &mut t))

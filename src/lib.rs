@@ -1,8 +1,10 @@
 //! ffnskip: a CPU runtime for quantized LLaMA GGUF models with FFN-SkipLLM.
 //!
 //! Layers, each using only those below it: `gguf` (bytes → typed file) and `ggml` (the one
-//! FFI module) → `tensor` (matrices, parallel products) → `skip` (hook types) → `model`
-//! (forward pass) → `tokenizer`, `chat`, `sampling`, `session` → `cli`.
+//! FFI module) → `tensor` (matrices, parallel products) → `skip` (the `Controller` trait the
+//! forward pass calls, and the policies) → `model` (forward pass) → `skip_setup` (controllers
+//! from options and profiles) → `tokenizer`, `chat`, `sampling`, `session`, `conversation` →
+//! `measure` → `cli`. `outfile` and `interrupt` are leaves for commands that write or chat.
 //!
 //! `unsafe` is denied everywhere but in `ggml` (the FFI and ggml's SIMD orders, each block
 //! with a SAFETY comment) and at the one mmap in `gguf::reader`.
@@ -10,8 +12,8 @@
 
 pub mod chat;
 pub mod cli;
-pub mod convert;
 pub mod conversation;
+pub mod convert;
 pub mod fetch;
 pub mod ggml;
 pub mod gguf;

@@ -1,4 +1,4 @@
-//! A running conversation with a model: KV cache, scratch, thread pool and FFN hook;
+//! A running conversation with a model: KV cache, scratch, thread pool and skip controller;
 //! prefill in batches, decode one token at a time, stream text, keep the cache across turns.
 
 use std::ops::ControlFlow;
@@ -62,7 +62,7 @@ pub struct Session<'m, H: Controller = NoSkip> {
     pool: rayon::ThreadPool,
     cache: KvCache,
     scratch: Scratch,
-    pub hook: H,
+    pub controller: H,
     /// Tokens whose keys and values are in the cache, in order.
     history: Vec<u32>,
     pub timings: Timings,
@@ -70,12 +70,16 @@ pub struct Session<'m, H: Controller = NoSkip> {
 
 impl<'m> Session<'m, NoSkip> {
     pub fn new(model: &'m Llama<'m>, config: SessionConfig) -> anyhow::Result<Self> {
-        Self::with_hook(model, config, NoSkip)
+        Self::with_controller(model, config, NoSkip)
     }
 }
 
 impl<'m, H: Controller> Session<'m, H> {
-    pub fn with_hook(model: &'m Llama<'m>, config: SessionConfig, hook: H) -> anyhow::Result<Self> {
+    pub fn with_controller(
+        model: &'m Llama<'m>,
+        config: SessionConfig,
+        controller: H,
+    ) -> anyhow::Result<Self> {
         check_memory(model, &config)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.threads.max(1))
@@ -88,7 +92,7 @@ impl<'m, H: Controller> Session<'m, H> {
             pool,
             cache: model.new_cache(n_ctx),
             scratch,
-            hook,
+            controller,
             history: Vec::new(),
             timings: Timings::default(),
         })
@@ -130,11 +134,11 @@ impl<'m, H: Controller> Session<'m, H> {
     }
 
     fn run(&mut self, tokens: &[u32], prompt: bool, logits: Logits) -> Result<(), ForwardError> {
-        let (model, cache, scratch, hook) = (
+        let (model, cache, scratch, controller) = (
             self.model,
             &mut self.cache,
             &mut self.scratch,
-            &mut self.hook,
+            &mut self.controller,
         );
         self.pool.install(|| {
             model
@@ -146,7 +150,7 @@ impl<'m, H: Controller> Session<'m, H> {
                         prompt,
                         logits,
                     },
-                    hook,
+                    controller,
                 )
                 .map(|_| ())
         })?;
@@ -195,15 +199,15 @@ impl<'m, H: Controller> Session<'m, H> {
     }
 
     /// Teacher-forced logits of every token (`[n, n_vocab]`), in batches of at most the
-    /// scratch size, with `prompt` telling the hook how to treat the rows.
+    /// scratch size, with `prompt` telling the controller how to treat the rows.
     pub fn eval_all(&mut self, tokens: &[u32], prompt: bool) -> Result<Vec<f32>, ForwardError> {
         let mut out = Vec::with_capacity(tokens.len() * self.model.config.n_vocab);
         for chunk in tokens.chunks(self.scratch.max_batch()) {
-            let (model, cache, scratch, hook) = (
+            let (model, cache, scratch, controller) = (
                 self.model,
                 &mut self.cache,
                 &mut self.scratch,
-                &mut self.hook,
+                &mut self.controller,
             );
             let logits = self.pool.install(|| {
                 model
@@ -215,7 +219,7 @@ impl<'m, H: Controller> Session<'m, H> {
                             prompt,
                             logits: Logits::All,
                         },
-                        hook,
+                        controller,
                     )
                     .map(|l| l.to_vec())
             })?;

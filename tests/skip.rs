@@ -108,15 +108,15 @@ fn none_is_bit_identical_to_no_controller() {
     let mut plain = Session::new(&model, config()).unwrap();
     let (t0, l0) = greedy(&mut plain, &ids, N_GEN);
     let c = controller(&model, &SkipOptions::none(), None);
-    let mut none = Session::with_hook(&model, config(), c).unwrap();
+    let mut none = Session::with_controller(&model, config(), c).unwrap();
     let (t1, l1) = greedy(&mut none, &ids, N_GEN);
     assert_eq!(t0, t1);
     assert_eq!(
         l0, l1,
         "policy none must give the plain model's logits bit for bit"
     );
-    assert_eq!(none.hook.stats.skipped_ffn, 0);
-    assert_eq!(none.hook.stats.eligible_ffn, 0);
+    assert_eq!(none.controller.stats.skipped_ffn, 0);
+    assert_eq!(none.controller.stats.eligible_ffn, 0);
 }
 
 #[test]
@@ -130,10 +130,10 @@ fn threshold_above_one_never_skips() {
         warmup: Some(2),
         ..opts(Policy::Adaptive, 0.5)
     };
-    let mut s = Session::with_hook(&model, config(), controller(&model, &o, None)).unwrap();
+    let mut s = Session::with_controller(&model, config(), controller(&model, &o, None)).unwrap();
     let (_, got) = greedy(&mut s, &ids, N_GEN);
     assert_eq!(got, full);
-    let st = &s.hook.stats;
+    let st = &s.controller.stats;
     assert_eq!(st.skipped_ffn, 0);
     assert_eq!(st.counted_tokens, (N_GEN - 2) as u64);
     assert_eq!(st.eligible_ffn, (N_GEN - 2) as u64 * 30);
@@ -154,12 +154,12 @@ fn threshold_minus_one_skips_the_whole_non_cold_region_after_warmup() {
         cold_end: Some(4),
         ..opts(Policy::Adaptive, 1.0)
     };
-    let mut s = Session::with_hook(&model, config(), controller(&model, &o, None)).unwrap();
+    let mut s = Session::with_controller(&model, config(), controller(&model, &o, None)).unwrap();
     let (_, got) = greedy(&mut s, &ids, N_GEN);
     // Warm-up tokens run the full model: same logits bit for bit.
     assert_eq!(got[..warmup], full[..warmup]);
     assert_ne!(got[warmup], full[warmup], "skipping must change the logits");
-    let st = &s.hook.stats;
+    let st = &s.controller.stats;
     let expect = format!("{}{}{}", "F".repeat(3), "s".repeat(23), "F".repeat(4));
     assert_eq!(st.decisions.len(), N_GEN - warmup);
     assert!(
@@ -188,9 +188,10 @@ fn cold_regions_and_warmup_are_never_skipped() {
             cold_end: Some(6),
             ..opts(policy, 0.35)
         };
-        let mut s = Session::with_hook(&model, config(), controller(&model, &o, None)).unwrap();
+        let mut s =
+            Session::with_controller(&model, config(), controller(&model, &o, None)).unwrap();
         greedy(&mut s, &ids, N_GEN);
-        let st = &s.hook.stats;
+        let st = &s.controller.stats;
         assert!(st.skipped_ffn > 0, "{policy:?} at {thr} skipped nothing");
         assert_eq!(
             st.per_layer[..4],
@@ -220,12 +221,12 @@ fn kv_before_the_first_skipped_ffn_is_unchanged() {
         warmup: Some(warmup),
         ..opts(Policy::Adaptive, 0.3)
     };
-    let mut s = Session::with_hook(&model, config(), controller(&model, &o, None)).unwrap();
+    let mut s = Session::with_controller(&model, config(), controller(&model, &o, None)).unwrap();
     s.prefill(&ids).unwrap();
     for &t in &toks[..N_GEN] {
         s.decode(t).unwrap();
     }
-    assert!(s.hook.stats.skipped_ffn > 0);
+    assert!(s.controller.stats.skipped_ffn > 0);
     // The first skipping token sits at position len(prompt) + warmup; its own K/V at every
     // layer up to the first skipped one is unchanged too, but later layers differ.
     let first = ids.len() + warmup;
@@ -262,9 +263,10 @@ fn random_and_static_are_reproducible_with_a_seed() {
                 warmup: Some(2),
                 ..opts(policy, 0.25)
             };
-            let mut s = Session::with_hook(&model, config(), controller(&model, &o, None)).unwrap();
+            let mut s =
+                Session::with_controller(&model, config(), controller(&model, &o, None)).unwrap();
             let (toks, _) = greedy(&mut s, &ids, N_GEN);
-            (toks, s.hook.stats.decisions.clone())
+            (toks, s.controller.stats.decisions.clone())
         };
         let (a, b, c) = (run(7), run(7), run(8));
         assert_eq!(a, b, "{policy:?} with the same seed differs");
@@ -301,9 +303,9 @@ fn ratio_accounting_is_exact() {
         full_every: Some(4),
         ..opts(Policy::Adaptive, 0.2)
     };
-    let mut s = Session::with_hook(&model, config(), controller(&model, &o, None)).unwrap();
+    let mut s = Session::with_controller(&model, config(), controller(&model, &o, None)).unwrap();
     greedy(&mut s, &ids, 19);
-    let st = &s.hook.stats;
+    let st = &s.controller.stats;
     // 19 decode steps: 3 warm-up, then 16 counted: 12 skipping (k = 0.2·30·4/3 = 8) + 4 full.
     assert_eq!(st.decoded_tokens, 19);
     assert_eq!(st.counted_tokens, 16);
@@ -332,26 +334,31 @@ fn batched_equals_sequential_under_every_policy() {
             ..opts(policy, 0.3)
         };
         let mut seq =
-            Session::with_hook(&model, config(), controller(&model, &o, Some(&profile))).unwrap();
+            Session::with_controller(&model, config(), controller(&model, &o, Some(&profile)))
+                .unwrap();
         seq.prefill(&ids).unwrap();
         let mut seq_logits = Vec::new();
         for &t in &cont {
             seq_logits.extend_from_slice(seq.decode(t).unwrap());
         }
         let mut bat =
-            Session::with_hook(&model, config(), controller(&model, &o, Some(&profile))).unwrap();
+            Session::with_controller(&model, config(), controller(&model, &o, Some(&profile)))
+                .unwrap();
         bat.prefill(&ids).unwrap();
         let bat_logits = bat.eval_all(&cont, false).unwrap();
         assert_eq!(
-            seq.hook.stats.decisions, bat.hook.stats.decisions,
+            seq.controller.stats.decisions, bat.controller.stats.decisions,
             "{policy:?}"
         );
         assert_eq!(
-            seq.hook.stats.skipped_ffn, bat.hook.stats.skipped_ffn,
+            seq.controller.stats.skipped_ffn, bat.controller.stats.skipped_ffn,
             "{policy:?}"
         );
         if policy != Policy::None {
-            assert!(bat.hook.stats.skipped_ffn > 0, "{policy:?} skipped nothing");
+            assert!(
+                bat.controller.stats.skipped_ffn > 0,
+                "{policy:?} skipped nothing"
+            );
         }
         assert!(
             seq_logits == bat_logits,
@@ -372,15 +379,15 @@ fn early_exit_and_shortgpt_follow_their_plans() {
         ..opts(Policy::Shortgpt, 0.2)
     };
     let mut s =
-        Session::with_hook(&model, config(), controller(&model, &o, Some(&profile))).unwrap();
+        Session::with_controller(&model, config(), controller(&model, &o, Some(&profile))).unwrap();
     // The 6 lowest Block Influences of the synthetic profile: (7l mod 30) smallest.
     let mut order: Vec<usize> = (0..30).collect();
     order.sort_by_key(|&l| (l * 7) % 30);
     let mut removed = order[..6].to_vec();
     removed.sort();
-    assert_eq!(s.hook.params().removed, removed);
+    assert_eq!(s.controller.params().removed, removed);
     greedy(&mut s, &ids, 8);
-    let d = &s.hook.stats.decisions[0];
+    let d = &s.controller.stats.decisions[0];
     for (l, &c) in d.0.iter().enumerate() {
         assert_eq!(c == Decision::Removed, removed.contains(&l), "{d}");
     }
@@ -388,17 +395,17 @@ fn early_exit_and_shortgpt_follow_their_plans() {
         warmup: Some(0),
         ..opts(Policy::EarlyExit, 0.2)
     };
-    let mut s = Session::with_hook(&model, config(), controller(&model, &o, None)).unwrap();
+    let mut s = Session::with_controller(&model, config(), controller(&model, &o, None)).unwrap();
     greedy(&mut s, &ids, 8);
     let bytes = model.layer_bytes();
-    for d in &s.hook.stats.decisions {
+    for d in &s.controller.stats.decisions {
         assert_eq!(
             d.to_string(),
             format!("{}{}", "F".repeat(24), "e".repeat(6))
         );
     }
     let per_token: u64 = (24..30).map(|l| bytes.ffn[l] + bytes.attn_qo[l]).sum();
-    assert_eq!(s.hook.stats.bytes_skipped, 8 * per_token);
+    assert_eq!(s.controller.stats.bytes_skipped, 8 * per_token);
 }
 
 #[test]
@@ -517,13 +524,14 @@ fn calibration_runs_on_stories260k() {
         cold_end: Some(1),
         ..opts(Policy::Adaptive, 0.4)
     };
-    let mut s = Session::with_hook(&model, config(), controller(&model, &o, Some(&p))).unwrap();
+    let mut s =
+        Session::with_controller(&model, config(), controller(&model, &o, Some(&p))).unwrap();
     let ids = Tokenizer::from_gguf(&file)
         .unwrap()
         .encode("Once upon", true, false);
     greedy(&mut s, &ids, 10);
     // 9 counted tokens, each skipping inside the 3-layer warm region.
-    let st = &s.hook.stats;
+    let st = &s.controller.stats;
     assert_eq!(st.counted_tokens, 9);
     assert!(st.skipped_ffn > 0 && st.skipped_ffn <= 9 * 3, "{st:?}");
 }

@@ -70,7 +70,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
     let template = template_of(&file, &tokenizer)?;
     let config = SessionConfig::new(a.model.ctx(model.config.n_ctx_train), a.model.threads());
     let controller = a.skip.controller(&model, &file, a.sampling.seed)?;
-    let mut session = Session::with_hook(&model, config, controller)?;
+    let mut session = Session::with_controller(&model, config, controller)?;
     let mut sampler = Sampler::new(a.sampling.config()?);
     a.stop.apply(&mut sampler, &tokenizer);
     let opts = a.stop.options(a.max_tokens);
@@ -109,7 +109,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
             continue;
         }
         session.timings = Default::default();
-        session.hook.reset_stats();
+        session.controller.reset_stats();
         let answer = Answer::start();
         let mut sink = ChatSink {
             answer: &answer,
@@ -126,8 +126,8 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
         match reply {
             Ok(r) => {
                 out("\n")?;
-                let skip = (session.hook.params().policy != crate::skip::Policy::None)
-                    .then(|| session.hook.stats.ratio());
+                let skip = (session.controller.params().policy != crate::skip::Policy::None)
+                    .then(|| session.controller.stats.ratio());
                 eprintln!("{}", summary(&r, skip));
             }
             Err(e) => eprintln!("\nerror: {e:#}"),

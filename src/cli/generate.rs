@@ -90,7 +90,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let config = SessionConfig::new(a.model.ctx(model.config.n_ctx_train), a.model.threads());
     let mut controller = a.skip.controller(&model, &file, a.sampling.seed)?;
     controller.record_decisions(a.skip_trace);
-    let mut session = Session::with_hook(&model, config, controller)?;
+    let mut session = Session::with_controller(&model, config, controller)?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     // As llama.cpp tokenizes a raw prompt: BOS only if the metadata asks, specials parsed.
     let ids = tokenizer.encode(&prompt, true, true);
@@ -129,13 +129,13 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 "decode_tokens_per_s": g.decode_tokens_per_s(),
             },
             "stop_reason": g.stop_reason,
-            "skip": skip_json(&session.hook),
+            "skip": skip_json(&session.controller),
         });
         outln(&obj.to_string())?;
     } else {
         out("\n")?;
-        let st = &session.hook.stats;
-        let skip = if session.hook.params().policy == crate::skip::Policy::None {
+        let st = &session.controller.stats;
+        let skip = if session.controller.params().policy == crate::skip::Policy::None {
             String::new()
         } else {
             format!(

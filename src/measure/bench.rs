@@ -224,7 +224,7 @@ pub fn bench_model(
         let setup = skip_setup::build(&opts, profile.as_ref(), &model)
             .map_err(|e| anyhow::anyhow!("{}: --skip {}: {e}", path.display(), spec.label()))?;
         progress(&setup.description);
-        sessions.push(Session::with_hook(
+        sessions.push(Session::with_controller(
             &model,
             SessionConfig::new(n_ctx, cfg.threads),
             setup.controller,
@@ -256,14 +256,14 @@ pub fn bench_model(
         let peer_pp = prompt.len() as f64 / start.elapsed().as_secs_f64();
         for (i, s) in sessions.iter_mut().enumerate() {
             s.reset();
-            s.hook.reset_stats();
+            s.controller.reset_stats();
             let mut t = argmax(s.prefill(&prompt[..16])?);
             let start = Instant::now();
             for _ in 0..cfg.gen_tokens {
                 t = argmax(s.decode(t)?);
             }
             let secs = start.elapsed().as_secs_f64();
-            let st = &s.hook.stats;
+            let st = &s.controller.stats;
             if rep > 0 {
                 tg[i].push(cfg.gen_tokens as f64 / secs);
                 skipped_bytes[i] = st.bytes_skipped as f64 / st.decoded_tokens.max(1) as f64;

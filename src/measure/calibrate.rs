@@ -238,9 +238,9 @@ pub fn calibrate(
         tokens.len()
     );
     let config = SessionConfig::new(tokens.len(), threads);
-    let mut session = Session::with_hook(model, config, Recorder::new(n_layer))?;
+    let mut session = Session::with_controller(model, config, Recorder::new(n_layer))?;
     session.prefill(tokens)?;
-    let rec = session.hook;
+    let rec = session.controller;
     let ffn = &rec.ffn[n_layer..];
     let layer = &rec.layer[n_layer..];
     let ffn_cos = layer_stats(ffn, n_layer);

@@ -317,7 +317,7 @@ impl<'m> Evaluator<'m> {
                 items.len() - todo
             ));
             if todo > 0 {
-                let mut session = Session::with_hook(
+                let mut session = Session::with_controller(
                     self.model,
                     SessionConfig::new(4096.min(self.model.config.n_ctx_train), self.cfg.threads),
                     self.controller(&spec)?,
@@ -377,7 +377,7 @@ impl<'m> Evaluator<'m> {
         full: Option<&ItemRecord>,
     ) -> anyhow::Result<ItemRecord> {
         s.reset();
-        s.hook.reset_stats();
+        s.controller.reset_stats();
         let mut m = BTreeMap::new();
         let Answer {
             text,
@@ -416,7 +416,7 @@ impl<'m> Evaluator<'m> {
                     f64::from(u8::from(metrics::answer_matches(&g.text, &q.answers))),
                 );
                 // Teacher-forced log-probability of the first gold answer, policy active.
-                let stats = s.hook.stats.clone();
+                let stats = s.controller.stats.clone();
                 s.reset();
                 let gold = self.tokenizer.encode(
                     &format!(
@@ -439,7 +439,7 @@ impl<'m> Evaluator<'m> {
                         }
                     }
                 }
-                s.hook.stats = stats;
+                s.controller.stats = stats;
                 m.insert("gold_logprob".into(), lp);
                 g
             }
@@ -487,7 +487,7 @@ impl<'m> Evaluator<'m> {
                 m.insert("rouge_l_full".into(), metrics::rouge_l(&text, &f.text).f1);
             }
         }
-        let st = &s.hook.stats;
+        let st = &s.controller.stats;
         Ok(ItemRecord {
             id: item.id(),
             tokens,

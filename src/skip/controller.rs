@@ -268,7 +268,7 @@ impl Controller for SkipController {
 
 #[cfg(test)]
 mod tests {
-    //! The controller driven without a model: synthetic positions and cosines, hooks called
+    //! The controller driven without a model: synthetic positions and cosines, controller methods called
     //! in the order `model::forward` calls them, exact decisions asserted per policy.
 
     use super::*;
@@ -325,7 +325,7 @@ mod tests {
         ([3.0, 4.0], after)
     }
 
-    /// One forward call over `positions`, calling the hooks in the documented order (the
+    /// One forward call over `positions`, calling the controller methods in the documented order (the
     /// order of `model::forward`). An FFN that runs at (position, layer) yields the cosine
     /// `cos(position, layer)`. Returns, per row, what the model was told at each layer
     /// (`x` layer removed, `e` exited, `s` FFN skipped, `F` ran).
