@@ -4,7 +4,8 @@
 
 use std::io::{self, Write};
 
-use minijinja::{context, Environment, Error, ErrorKind};
+use minijinja::value::Value;
+use minijinja::{context, Environment, Error, ErrorKind, Output, State};
 use serde::Serialize;
 
 /// VM instructions one render may run (minijinja "fuel", one unit per instruction). The
@@ -18,6 +19,11 @@ pub const CHAT_TEMPLATE_FUEL: u64 = 1_000_000;
 /// ~4 bytes per token. Fuel bounds the instructions, not what each one emits (minijinja
 /// repeats a string up to 100 MB in one instruction), so the output is capped as well.
 pub const MAX_RENDERED_BYTES: usize = 64 << 20;
+
+/// Most items a template may print as one value or group with `batch`: minijinja's own limit
+/// for `range`. Fuel counts instructions, and one instruction that prints `[1] * 10**9` or
+/// runs `batch(10**11)` would otherwise iterate or allocate for minutes (found by fuzzing).
+pub const MAX_TEMPLATE_ITEMS: usize = 100_000;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Message {
@@ -54,7 +60,9 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(python_method);
+        env.set_formatter(format_value);
+        env.add_filter("batch", batch);
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
@@ -110,6 +118,56 @@ impl ChatTemplate {
         Ok(String::from_utf8(out.bytes)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
     }
+}
+
+/// Python's string and list methods (`strip`, `split`, …) from minijinja-contrib's pycompat,
+/// except `str.count('')`, which loops forever there; Python counts the `len + 1` empty
+/// matches between the characters.
+fn python_method(
+    state: &State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    if let (Some(s), "count", [arg]) = (value.as_str(), method, args) {
+        if arg.as_str() == Some("") {
+            return Ok(Value::from(s.chars().count() + 1));
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// minijinja's default formatter, refusing to print a sequence of more than
+/// [`MAX_TEMPLATE_ITEMS`] items.
+fn format_value(out: &mut Output, state: &State, value: &Value) -> Result<(), Error> {
+    if value.as_str().is_none() {
+        if let Some(n) = value.len().filter(|&n| n > MAX_TEMPLATE_ITEMS) {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("cannot print a value of {n} items (more than chat::MAX_TEMPLATE_ITEMS = {MAX_TEMPLATE_ITEMS})"),
+            ));
+        }
+    }
+    minijinja::escape_formatter(out, state, value)
+}
+
+/// minijinja's `batch` filter, refusing batches of more than [`MAX_TEMPLATE_ITEMS`] items
+/// (it pre-allocates and pads the last batch to `count`).
+fn batch(
+    state: &State,
+    value: Value,
+    count: usize,
+    fill_with: Option<Value>,
+) -> Result<Value, Error> {
+    if count > MAX_TEMPLATE_ITEMS {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "batch size {count} is more than chat::MAX_TEMPLATE_ITEMS = {MAX_TEMPLATE_ITEMS}"
+            ),
+        ));
+    }
+    minijinja::filters::batch(state, value, count, fill_with)
 }
 
 /// The rendered prompt, refusing to grow past [`MAX_RENDERED_BYTES`] (then `full` is set).

@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use ffnskip::chat::{ChatTemplate, Message, CHAT_TEMPLATE_FUEL, MAX_RENDERED_BYTES};
+use ffnskip::chat::{
+    ChatTemplate, Message, CHAT_TEMPLATE_FUEL, MAX_RENDERED_BYTES, MAX_TEMPLATE_ITEMS,
+};
 
 /// Renders `source` with one user message; returns the error text and how long it took.
 fn render_err(source: &str) -> (String, Duration) {
@@ -43,6 +45,49 @@ fn chat_template_output_is_capped() {
     );
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert_eq!(MAX_RENDERED_BYTES, 64 << 20);
+}
+
+/// chat_template: minijinja-contrib's `str.count('')` looped forever (its search never
+/// advances on an empty match). Python's answer is the number of characters + 1.
+#[test]
+fn chat_template_count_of_empty_string_ends() {
+    let t = ChatTemplate::new(
+        "fuzz.gguf",
+        "{{ 'abc'.count('') }} {{ 'héé'.count('é') }}",
+        "",
+        "",
+    )
+    .unwrap();
+    assert_eq!(t.render(&[], false).unwrap(), "4 2");
+}
+
+/// chat_template: `batch(99999999999)` made minijinja pre-allocate a batch of that many
+/// values (an allocation of terabytes).
+#[test]
+fn chat_template_huge_batch_is_refused() {
+    let (err, _) = render_err("{{ messages|batch(99999999999) }}");
+    assert_eq!(
+        err,
+        "invalid operation: batch size 99999999999 is more than chat::MAX_TEMPLATE_ITEMS = 100000 (in chat:1)"
+    );
+    let t = ChatTemplate::new("m.gguf", "{{ range(5)|batch(2, 'x')|list }}", "", "").unwrap();
+    assert_eq!(
+        t.render(&[], false).unwrap(),
+        "[[0, 1], [2, 3], [4, \"x\"]]"
+    );
+    assert_eq!(MAX_TEMPLATE_ITEMS, 100_000);
+}
+
+/// chat_template: printing a repeated sequence (`[1] * 10**8`, one instruction, so no fuel is
+/// spent) iterated 10^8 items before the output cap could stop it.
+#[test]
+fn chat_template_huge_sequence_is_not_printed() {
+    let (err, took) = render_err("{{ [1] * 100000000 }}");
+    assert_eq!(
+        err,
+        "invalid operation: cannot print a value of 100000000 items (more than chat::MAX_TEMPLATE_ITEMS = 100000) (in chat:1)"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
 }
 
 /// Real templates stay far below both limits.
