@@ -302,24 +302,24 @@ fn parse_header(buf: &[u8]) -> Result<Header, ErrorKind> {
         n_tensors,
         n_kv,
     } = read_preamble(&mut c)?;
-    let (metadata, key_index) = read_metadata(&mut c, n_kv)?;
-    let alignment = alignment(&metadata, &key_index)?;
-    let (tensors, tensor_index) = read_tensor_infos(&mut c, n_tensors, alignment)?;
+    let metadata = read_metadata(&mut c, n_kv)?;
+    let alignment = alignment(&metadata)?;
+    let tensors = read_tensor_infos(&mut c, n_tensors, alignment)?;
 
     // The data section starts at the first multiple of the alignment after the header.
     let header_end = c.pos as u64;
     let data_offset = header_end.div_ceil(alignment) * alignment;
     let data_size = (buf.len() as u64).saturating_sub(data_offset);
-    check_placement(&tensors, data_size)?;
+    check_placement(&tensors.infos, data_size)?;
 
     Ok(Header {
         version,
         alignment,
         data_offset,
-        metadata,
-        key_index,
-        tensors,
-        tensor_index,
+        metadata: metadata.entries,
+        key_index: metadata.index,
+        tensors: tensors.infos,
+        tensor_index: tensors.index,
     })
 }
 
@@ -376,12 +376,20 @@ const MIN_KV_BYTES: u64 = 13;
 /// Smallest tensor info: 8 (name length) + 4 (n_dims) + 8 (ne[0]) + 4 (type) + 8 (offset).
 const MIN_TENSOR_INFO_BYTES: u64 = 32;
 
-/// `n_kv` × (string key, u32 value type, value), in file order, and key → index.
-/// Keys must be non-empty and unique.
-fn read_metadata(
-    c: &mut Cursor<'_>,
-    n_kv: u64,
-) -> Result<(Vec<(String, Value)>, HashMap<String, usize>), ErrorKind> {
+/// Metadata pairs in file order, and key → index into them.
+struct Metadata {
+    entries: Vec<(String, Value)>,
+    index: HashMap<String, usize>,
+}
+
+/// Tensor infos in file order, and name → index into them.
+struct TensorInfos {
+    infos: Vec<TensorInfo>,
+    index: HashMap<String, usize>,
+}
+
+/// `n_kv` × (string key, u32 value type, value). Keys must be non-empty and unique.
+fn read_metadata(c: &mut Cursor<'_>, n_kv: u64) -> Result<Metadata, ErrorKind> {
     let mut metadata = Vec::with_capacity(n_kv.min(PREALLOC_MAX) as usize);
     let mut key_index = HashMap::with_capacity(n_kv.min(PREALLOC_MAX) as usize);
     for i in 0..n_kv {
@@ -400,15 +408,16 @@ fn read_metadata(
         }
         metadata.push((key, value));
     }
-    Ok((metadata, key_index))
+    Ok(Metadata {
+        entries: metadata,
+        index: key_index,
+    })
 }
 
 /// `general.alignment` in bytes: a power-of-two u32, [`DEFAULT_ALIGNMENT`] when absent.
-fn alignment(
-    metadata: &[(String, Value)],
-    key_index: &HashMap<String, usize>,
-) -> Result<u64, ErrorKind> {
-    match key_index.get("general.alignment").map(|&i| &metadata[i].1) {
+fn alignment(metadata: &Metadata) -> Result<u64, ErrorKind> {
+    let value = metadata.index.get("general.alignment");
+    match value.map(|&i| &metadata.entries[i].1) {
         None => Ok(DEFAULT_ALIGNMENT),
         Some(Value::U32(a)) => {
             let a = u64::from(*a);
@@ -423,12 +432,12 @@ fn alignment(
     }
 }
 
-/// `n_tensors` tensor infos in file order, and name → index. Names must be unique.
+/// `n_tensors` tensor infos. Names must be unique.
 fn read_tensor_infos(
     c: &mut Cursor<'_>,
     n_tensors: u64,
     alignment: u64,
-) -> Result<(Vec<TensorInfo>, HashMap<String, usize>), ErrorKind> {
+) -> Result<TensorInfos, ErrorKind> {
     let max_tensors = c.remaining() / MIN_TENSOR_INFO_BYTES;
     if n_tensors > max_tensors {
         return Err(ErrorKind::AbsurdCount {
@@ -449,7 +458,10 @@ fn read_tensor_infos(
         }
         tensors.push(info);
     }
-    Ok((tensors, tensor_index))
+    Ok(TensorInfos {
+        infos: tensors,
+        index: tensor_index,
+    })
 }
 
 /// Tensor info number `index`: string name (< [`MAX_NAME_LEN`] bytes), u32 n_dims (1 to
