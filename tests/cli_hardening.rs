@@ -147,7 +147,30 @@ fn calibrate_bench_and_eval_never_overwrite_their_inputs() {
             &["calibrate", "-m", s(&m), "--text", s(&text), "-o", s(&out)],
             &refuse_msg("-o/--out", &out, "--text", &text),
         );
+        refused(
+            &[
+                "calibrate",
+                "-m",
+                s(&m),
+                "--text",
+                s(&text),
+                "--embed",
+                s(&out),
+            ],
+            &refuse_msg("--embed", &out, "--text", &text),
+        );
     }
+    // quantize IN OUT through the binary.
+    refused(
+        &[
+            "quantize",
+            s(&m),
+            s(&d.join(".").join("model.gguf")),
+            "--type",
+            "q8_0",
+        ],
+        &refuse_msg("OUT", &d.join(".").join("model.gguf"), "IN", &m),
+    );
     // The plots beside the JSON are outputs too: `-o text.json` draws text.svg/text.png.
     let svg = d.join("plot.svg");
     std::fs::write(&svg, "<svg/>").unwrap();
@@ -186,6 +209,20 @@ fn calibrate_bench_and_eval_never_overwrite_their_inputs() {
         &["bench", "-m", s(&m_svg), "--plot", s(&d.join("m"))],
         &refuse_msg("--plot", &m_svg, "-m/--model", &m_svg),
     );
+    let profile_png = d.join("prof.png");
+    std::fs::write(&profile_png, "{}").unwrap();
+    refused(
+        &[
+            "bench",
+            "-m",
+            s(&m),
+            "--skip-profile",
+            s(&profile_png),
+            "--plot",
+            s(&d.join("prof")),
+        ],
+        &refuse_msg("--plot", &profile_png, "--skip-profile", &profile_png),
+    );
     // eval's result file DIR/MODEL-gN/TASK/POLICY.jsonl, when it is the --data file.
     let data = d.join("ev/model-g96/perplexity/none.jsonl");
     std::fs::create_dir_all(data.parent().unwrap()).unwrap();
@@ -208,6 +245,42 @@ fn calibrate_bench_and_eval_never_overwrite_their_inputs() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(
         stderr(&o).contains(&refuse_msg("result file", &data, "--data", &data)),
+        "{}",
+        stderr(&o)
+    );
+    // ... and when it is the model (a GGUF named none.jsonl has the stem "none").
+    let as_result = d.join("ev2/none-g96/perplexity/none.jsonl");
+    std::fs::create_dir_all(as_result.parent().unwrap()).unwrap();
+    std::fs::hard_link(&m, &as_result).unwrap();
+    let text_data = d.join("wiki.txt");
+    std::fs::write(
+        &text_data,
+        "Some text to measure perplexity on. ".repeat(200),
+    )
+    .unwrap();
+    let o = run(&[
+        "eval",
+        "-m",
+        s(&as_result),
+        "--task",
+        "perplexity",
+        "--skip",
+        "none",
+        "--data",
+        s(&text_data),
+        "--out",
+        s(&d.join("ev2")),
+        "--limit",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&refuse_msg(
+            "result file",
+            &as_result,
+            "-m/--model",
+            &as_result
+        )),
         "{}",
         stderr(&o)
     );
