@@ -124,41 +124,16 @@ fn calibrate_bench_and_eval_never_overwrite_their_inputs() {
     )
     .unwrap();
     let before = std::fs::metadata(&m).unwrap().len();
-    for out in spellings(&d, &m, "model") {
-        refused(
-            &["calibrate", "-m", s(&m), "--text", s(&text), "-o", s(&out)],
-            &refuse_msg("-o/--out", &out, "-m/--model", &m),
-        );
-        refused(
-            &[
-                "calibrate",
-                "-m",
-                s(&m),
-                "--text",
-                s(&text),
-                "--embed",
-                s(&out),
-            ],
-            &refuse_msg("--embed", &out, "-m/--model", &m),
-        );
-    }
-    for out in spellings(&d, &text, "text") {
-        refused(
-            &["calibrate", "-m", s(&m), "--text", s(&text), "-o", s(&out)],
-            &refuse_msg("-o/--out", &out, "--text", &text),
-        );
-        refused(
-            &[
-                "calibrate",
-                "-m",
-                s(&m),
-                "--text",
-                s(&text),
-                "--embed",
-                s(&out),
-            ],
-            &refuse_msg("--embed", &out, "--text", &text),
-        );
+    for (input_what, input, tag) in [("-m/--model", &m, "model"), ("--text", &text, "text")] {
+        for out in spellings(&d, input, tag) {
+            for flag in ["-o", "--embed"] {
+                let what = if flag == "-o" { "-o/--out" } else { flag };
+                refused(
+                    &["calibrate", "-m", s(&m), "--text", s(&text), flag, s(&out)],
+                    &refuse_msg(what, &out, input_what, input),
+                );
+            }
+        }
     }
     // quantize IN OUT through the binary.
     refused(
@@ -223,69 +198,54 @@ fn calibrate_bench_and_eval_never_overwrite_their_inputs() {
         ],
         &refuse_msg("--plot", &profile_png, "--skip-profile", &profile_png),
     );
-    // eval's result file DIR/MODEL-gN/TASK/POLICY.jsonl, when it is the --data file.
+    // eval's result file DIR/MODEL-gN/TASK/POLICY.jsonl, when it is the --data file ...
+    let text_of = |p: &Path| {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, "Some text to measure perplexity on. ".repeat(200)).unwrap();
+    };
     let data = d.join("ev/model-g96/perplexity/none.jsonl");
-    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
-    std::fs::write(&data, "Some text to measure perplexity on. ".repeat(200)).unwrap();
-    let o = run(&[
-        "eval",
-        "-m",
-        s(&m),
-        "--task",
-        "perplexity",
-        "--skip",
-        "none",
-        "--data",
-        s(&data),
-        "--out",
-        s(&d.join("ev")),
-        "--limit",
-        "1",
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains(&refuse_msg("result file", &data, "--data", &data)),
-        "{}",
-        stderr(&o)
+    text_of(&data);
+    eval_refused(
+        &m,
+        &data,
+        &d.join("ev"),
+        refuse_msg("result file", &data, "--data", &data),
     );
     // ... and when it is the model (a GGUF named none.jsonl has the stem "none").
     let as_result = d.join("ev2/none-g96/perplexity/none.jsonl");
     std::fs::create_dir_all(as_result.parent().unwrap()).unwrap();
     std::fs::hard_link(&m, &as_result).unwrap();
     let text_data = d.join("wiki.txt");
-    std::fs::write(
+    text_of(&text_data);
+    eval_refused(
+        &as_result,
         &text_data,
-        "Some text to measure perplexity on. ".repeat(200),
-    )
-    .unwrap();
+        &d.join("ev2"),
+        refuse_msg("result file", &as_result, "-m/--model", &as_result),
+    );
+    assert_eq!(std::fs::metadata(&m).unwrap().len(), before);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// `eval --task perplexity` refuses to write its result file, with `want` on stderr.
+fn eval_refused(model: &Path, data: &Path, out: &Path, want: String) {
     let o = run(&[
         "eval",
         "-m",
-        s(&as_result),
+        s(model),
         "--task",
         "perplexity",
         "--skip",
         "none",
         "--data",
-        s(&text_data),
+        s(data),
         "--out",
-        s(&d.join("ev2")),
+        s(out),
         "--limit",
         "1",
     ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains(&refuse_msg(
-            "result file",
-            &as_result,
-            "-m/--model",
-            &as_result
-        )),
-        "{}",
-        stderr(&o)
-    );
-    assert_eq!(std::fs::metadata(&m).unwrap().len(), before);
-    let _ = std::fs::remove_dir_all(d);
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
 }
 
 #[test]
@@ -343,15 +303,9 @@ fn huge_context_zero_threads_and_directories_are_one_line_errors() {
 #[test]
 fn prompts_come_from_stdin_and_are_bounded() {
     let m = model();
-    let mut c = bin()
-        .args([
-            "generate", "-m", &m, "-f", "-", "-n", "6", "--temp", "0", "--json",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut c = spawn_piped(&[
+        "generate", "-m", &m, "-f", "-", "-n", "6", "--temp", "0", "--json",
+    ]);
     c.stdin
         .take()
         .unwrap()
@@ -404,21 +358,15 @@ fn zero_tokens_generates_nothing() {
     assert!(stderr(&o).contains("0 generated"), "{}", stderr(&o));
 }
 
-/// Reads `n` bytes of the child's stdout, closes it, and waits (bounded) for the exit.
-fn close_after(mut c: std::process::Child, n: usize) -> (std::process::ExitStatus, String) {
-    let mut stdout = c.stdout.take().unwrap();
-    let mut buf = vec![0u8; n];
-    stdout.read_exact(&mut buf).unwrap();
-    drop(stdout);
+/// Waits at most two minutes for the child to exit (`what` says why it should); returns its
+/// status and stderr.
+fn wait_bounded(c: &mut std::process::Child, what: &str) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(st) = c.try_wait().unwrap() {
             break st;
         }
-        assert!(
-            Instant::now() < deadline,
-            "still running after its stdout closed"
-        );
+        assert!(Instant::now() < deadline, "still running: {what}");
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
@@ -426,19 +374,31 @@ fn close_after(mut c: std::process::Child, n: usize) -> (std::process::ExitStatu
     (status, err)
 }
 
+/// Reads `n` bytes of the child's stdout, closes it, and waits (bounded) for the exit.
+fn close_after(mut c: std::process::Child, n: usize) -> (std::process::ExitStatus, String) {
+    let mut stdout = c.stdout.take().unwrap();
+    let mut buf = vec![0u8; n];
+    stdout.read_exact(&mut buf).unwrap();
+    drop(stdout);
+    wait_bounded(&mut c, "its stdout closed")
+}
+
+/// `ffnskip ARGS` with stdin, stdout and stderr piped.
+fn spawn_piped(args: &[&str]) -> std::process::Child {
+    bin()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
 #[test]
 fn a_closed_stdout_ends_the_run_quietly() {
     let m = model();
-    let spawn = |args: &[&str]| {
-        bin()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn")
-    };
     // 100 000 tokens would take many minutes: the run must end when `head` stops reading.
-    let c = spawn(&[
+    let c = spawn_piped(&[
         "generate",
         "-m",
         &m,
@@ -454,13 +414,7 @@ fn a_closed_stdout_ends_the_run_quietly() {
     assert!(st.success(), "{st:?} {err}");
     assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
     // tokenize: 200 000 ids are far more than a pipe holds.
-    let mut c = bin()
-        .args(["tokenize", "-m", &m, "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut c = spawn_piped(&["tokenize", "-m", &m, "-f", "-"]);
     let mut stdin = c.stdin.take().unwrap();
     stdin.write_all("word ".repeat(200_000).as_bytes()).unwrap();
     drop(stdin);
@@ -555,13 +509,7 @@ fn stop_strings_end_generation_before_them() {
 
 #[test]
 fn chat_commands_are_not_sent_to_the_model() {
-    let mut c = bin()
-        .args(["chat", "-m", &model(), "--temp", "0", "-n", "8"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut c = spawn_piped(&["chat", "-m", &model(), "--temp", "0", "-n", "8"]);
     c.stdin
         .take()
         .unwrap()
@@ -600,24 +548,18 @@ fn read_some(r: &mut impl Read, n: usize) -> Vec<u8> {
 
 #[test]
 fn ctrl_c_stops_the_answer_and_keeps_the_conversation() {
-    let mut c = bin()
-        .args([
-            "chat",
-            "-m",
-            &model(),
-            "--temp",
-            "0",
-            "-n",
-            "100000",
-            "-c",
-            "4096",
-            "--ignore-eos",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut c = spawn_piped(&[
+        "chat",
+        "-m",
+        &model(),
+        "--temp",
+        "0",
+        "-n",
+        "100000",
+        "-c",
+        "4096",
+        "--ignore-eos",
+    ]);
     let mut stdin = c.stdin.take().unwrap();
     let mut stdout = c.stdout.take().unwrap();
     stdin.write_all(b"Tell me a very long story.\n").unwrap();
@@ -626,19 +568,7 @@ fn ctrl_c_stops_the_answer_and_keeps_the_conversation() {
     // The conversation goes on: a command after the interrupted answer is handled.
     stdin.write_all(b"/help\n").unwrap();
     drop(stdin);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(st) = c.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "chat did not stop the answer on Ctrl-C"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut e = String::new();
-    c.stderr.take().unwrap().read_to_string(&mut e).unwrap();
+    let (status, e) = wait_bounded(&mut c, "chat did not stop the answer on Ctrl-C");
     assert!(status.success(), "{status:?} {e}");
     assert!(
         e.contains("stop: cancelled — interrupted, the conversation goes on]"),
@@ -647,13 +577,7 @@ fn ctrl_c_stops_the_answer_and_keeps_the_conversation() {
     assert!(e.contains("commands: /help this list"), "{e}");
 
     // At the prompt, Ctrl-C exits at once with status 130.
-    let mut c = bin()
-        .args(["chat", "-m", &model()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut c = spawn_piped(&["chat", "-m", &model()]);
     let mut err = c.stderr.take().unwrap();
     let mut seen = Vec::new();
     let mut byte = [0u8; 1];
