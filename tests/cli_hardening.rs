@@ -591,3 +591,31 @@ fn ctrl_c_stops_the_answer_and_keeps_the_conversation() {
     let st = c.wait().unwrap();
     assert_eq!(st.code(), Some(130));
 }
+
+#[test]
+fn calibrate_works_outside_the_repository_with_its_built_in_text() {
+    let d = scratch("calout");
+    let o = bin()
+        .current_dir(&d)
+        .args(["calibrate", "-m", &model(), "--tokens", "64", "--json"])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("profile json");
+    assert_eq!(
+        v["source"],
+        "wikitext-2 test, \"The Hustler ( film )\" (built in) (first 64 tokens)"
+    );
+    // Position 0 (the attention sink) is left out of the statistics.
+    assert_eq!(v["tokens"], 63);
+    let stem = "SmolLM2-135M-Instruct.Q4_1";
+    assert_eq!(
+        names(&d),
+        [
+            format!("{stem}.ffnskip-profile.json"),
+            format!("{stem}.ffnskip-profile.png"),
+            format!("{stem}.ffnskip-profile.svg"),
+        ]
+    );
+    let _ = std::fs::remove_dir_all(d);
+}

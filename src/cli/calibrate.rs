@@ -103,13 +103,13 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         ids.len()
     );
     let source = format!("{text_name} (first {} tokens)", ids.len());
+    let threads = a.model.threads();
     eprintln!(
-        "calibrating {} on {source} with {} threads…",
-        path.display(),
-        a.model.threads()
+        "calibrating {} on {source} with {threads} threads…",
+        path.display()
     );
     let t0 = std::time::Instant::now();
-    let (profile, _) = calibrate(&model, &ids, a.model.threads(), &source, a.full_every)?;
+    let (profile, _) = calibrate(&model, &ids, threads, &source, a.full_every)?;
     eprintln!("measured in {:.1} s", t0.elapsed().as_secs_f64());
 
     profile_file::save_json(&profile, &out)?;
