@@ -80,7 +80,7 @@ crashes=$(find "$out/default/crashes" -type f -name 'id:*' 2>/dev/null | wc -l)
 hangs=$(find "$out/default/hangs" -type f -name 'id:*' 2>/dev/null | wc -l)
 cat <<EOF
 target:            $target
-run time:          $(stat run_time) s this run (fuzzer_stats), total executions over all runs below
+fuzzing time:      $(stat run_time) s (all runs on fuzz/out/$target; the figures below too)
 executions:        $(stat execs_done)
 exec/s:            $(stat execs_per_sec)
 coverage:          bitmap $(stat bitmap_cvg), edges $(stat edges_found) of $(stat total_edges)
