@@ -940,7 +940,7 @@ fn model_level_errors() {
     );
     assert_eq!(
         edit(&|w| w.set("general.architecture", Value::String("gpt2".into()))),
-        "tiny.gguf: general.architecture = 'gpt2' is not supported: ffnskip runs 'llama' models"
+        "tiny.gguf: general.architecture = 'gpt2' is not supported: ffnskip runs 'llama' and 'qwen2' models"
     );
     assert_eq!(
         edit(&|w| w.set("llama.rope.scaling.type", Value::String("yarn".into()))),

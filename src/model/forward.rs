@@ -374,6 +374,21 @@ impl Llama<'_> {
         if na > 0 {
             tensor::transpose(q, d, b, &mut s.q[..b * d]);
         }
+        // Qwen2: Qcur += bq, Kcur += bk, Vcur += bv (one f32 add each, as ggml_add).
+        if let Some([bq, bk, bv]) = &lw.attn_qkv_bias {
+            let add = |x: &mut [f32], bias: &[f32]| {
+                for row in x.chunks_exact_mut(bias.len()) {
+                    for (a, &bb) in row.iter_mut().zip(bias) {
+                        *a += bb;
+                    }
+                }
+            };
+            add(&mut s.k[..b * kv], bk);
+            add(&mut s.v[..b * kv], bv);
+            if na > 0 {
+                add(&mut s.q[..b * d], bq);
+            }
+        }
 
         // RoPE on Kcur, then K/V into the cache at each row's position.
         for (i, &pos) in s.positions.iter().enumerate() {

@@ -8,7 +8,7 @@ mod kv_cache;
 mod rope;
 mod weights;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{Arch, LlamaConfig, RopeMode, RopeScaling};
 pub use forward::{Batch, ForwardError, Logits, Scratch, StageTimes};
 pub use kv_cache::KvCache;
 pub use weights::{LayerWeights, Weights};

@@ -4,7 +4,7 @@ use crate::ggml;
 use crate::gguf::{ErrorKind, GgufFile, Result};
 use crate::tensor::Matrix;
 
-use super::config::LlamaConfig;
+use super::config::{Arch, LlamaConfig};
 
 pub struct LayerWeights<'a> {
     /// `[n_embd]`
@@ -17,6 +17,8 @@ pub struct LayerWeights<'a> {
     pub attn_v: Matrix<'a>,
     /// `[n_embd, n_embd]`
     pub attn_output: Matrix<'a>,
+    /// Q/K/V biases `[n_embd]`, `[kv_dim]`, `[kv_dim]` (Qwen2), added to the projections.
+    pub attn_qkv_bias: Option<[Vec<f32>; 3]>,
     /// `[n_embd]`
     pub ffn_norm: Vec<f32>,
     /// `[n_embd, n_ff]`
@@ -112,12 +114,22 @@ impl<'a> Weights<'a> {
                         ffn[0].ty, ffn[1].ty
                     ))));
                 }
+                let bias = |n: &str, len| vector(f, &format!("blk.{l}.{n}.bias"), len);
+                let attn_qkv_bias = match c.arch {
+                    Arch::Qwen2 => Some([
+                        bias("attn_q", c.n_embd)?,
+                        bias("attn_k", kv)?,
+                        bias("attn_v", kv)?,
+                    ]),
+                    Arch::Llama => None,
+                };
                 Ok(LayerWeights {
                     attn_norm: vector(f, &format!("blk.{l}.attn_norm.weight"), c.n_embd)?,
                     attn_q: m("attn_q", c.n_embd, c.n_embd)?,
                     attn_k: m("attn_k", c.n_embd, kv)?,
                     attn_v: m("attn_v", c.n_embd, kv)?,
                     attn_output: m("attn_output", c.n_embd, c.n_embd)?,
+                    attn_qkv_bias,
                     ffn_norm: vector(f, &format!("blk.{l}.ffn_norm.weight"), c.n_embd)?,
                     ffn_gate: ffn[0],
                     ffn_up: ffn[1],

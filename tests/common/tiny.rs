@@ -16,19 +16,40 @@ pub const N_VOCAB: u64 = 32;
 pub type ShapeOf<'f> = &'f dyn Fn(&str, Vec<u64>) -> Option<Vec<u64>>;
 
 pub fn tiny_llama(shape_of: ShapeOf) -> GgufWriter<'static> {
+    tiny_model("llama", shape_of)
+}
+
+/// [`tiny_llama`] under another architecture's keys (`{arch}.block_count`, …); `qwen2` also
+/// gets Q/K/V biases (`blk.{l}.attn_{q,k,v}.bias`, small random values).
+pub fn tiny_model(arch: &str, shape_of: ShapeOf) -> GgufWriter<'static> {
     let mut w = GgufWriter::new();
-    w.set("general.architecture", Value::String("llama".into()));
+    w.set("general.architecture", Value::String(arch.into()));
     w.set("general.name", Value::String("tiny".into()));
-    w.set("llama.block_count", Value::U32(N_LAYER as u32));
-    w.set("llama.context_length", Value::U32(128));
-    w.set("llama.embedding_length", Value::U32(N_EMBD as u32));
-    w.set("llama.feed_forward_length", Value::U32(N_FF as u32));
-    w.set("llama.attention.head_count", Value::U32(N_HEAD as u32));
-    w.set("llama.attention.head_count_kv", Value::U32(N_HEAD as u32));
-    w.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
-    w.set("llama.rope.freq_base", Value::F32(10000.0));
+    w.set(&format!("{arch}.block_count"), Value::U32(N_LAYER as u32));
+    w.set(&format!("{arch}.context_length"), Value::U32(128));
     w.set(
-        "llama.rope.dimension_count",
+        &format!("{arch}.embedding_length"),
+        Value::U32(N_EMBD as u32),
+    );
+    w.set(
+        &format!("{arch}.feed_forward_length"),
+        Value::U32(N_FF as u32),
+    );
+    w.set(
+        &format!("{arch}.attention.head_count"),
+        Value::U32(N_HEAD as u32),
+    );
+    w.set(
+        &format!("{arch}.attention.head_count_kv"),
+        Value::U32(N_HEAD as u32),
+    );
+    w.set(
+        &format!("{arch}.attention.layer_norm_rms_epsilon"),
+        Value::F32(1e-5),
+    );
+    w.set(&format!("{arch}.rope.freq_base"), Value::F32(10000.0));
+    w.set(
+        &format!("{arch}.rope.dimension_count"),
         Value::U32((N_EMBD / N_HEAD) as u32),
     );
     w.set("tokenizer.ggml.model", Value::String("llama".into()));
@@ -83,12 +104,21 @@ pub fn tiny_llama(shape_of: ShapeOf) -> GgufWriter<'static> {
             ("attn_k", vec![N_EMBD, N_EMBD]),
             ("attn_v", vec![N_EMBD, N_EMBD]),
             ("attn_output", vec![N_EMBD, N_EMBD]),
+            ("attn_q.bias", vec![N_EMBD]),
+            ("attn_k.bias", vec![N_EMBD]),
+            ("attn_v.bias", vec![N_EMBD]),
             ("ffn_norm", vec![N_EMBD]),
             ("ffn_gate", vec![N_EMBD, N_FF]),
             ("ffn_up", vec![N_EMBD, N_FF]),
             ("ffn_down", vec![N_FF, N_EMBD]),
         ] {
-            shapes.push((format!("blk.{l}.{n}.weight"), s));
+            if n.ends_with(".bias") {
+                if arch == "qwen2" {
+                    shapes.push((format!("blk.{l}.{n}"), s));
+                }
+            } else {
+                shapes.push((format!("blk.{l}.{n}.weight"), s));
+            }
         }
     }
     let mut rng = Lcg(7);
@@ -97,7 +127,7 @@ pub fn tiny_llama(shape_of: ShapeOf) -> GgufWriter<'static> {
             continue;
         };
         let n: u64 = shape.iter().product();
-        let norm = shape.len() == 1;
+        let norm = shape.len() == 1 && !name.ends_with(".bias");
         let data: Vec<u8> = (0..n)
             .flat_map(|_| if norm { 1.0f32 } else { rng.uniform() * 0.1 }.to_le_bytes())
             .collect();
