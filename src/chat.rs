@@ -89,17 +89,32 @@ impl ChatTemplate {
             bytes: Vec::new(),
             full: false,
         };
-        let rendered = self.env.get_template("chat")?.render_captured_to(
-            context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos,
-                eos_token => self.eos,
-            },
-            &mut out,
-        );
+        let template = self.env.get_template("chat")?;
+        let ctx = context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        };
+        // minijinja is not panic-free on every template (fuzzing found `''[::-1]` indexing out
+        // of bounds in its slice operator); a panic while rendering becomes an error. Nothing
+        // outlives the call but `out`, which is discarded on error.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            template.render_captured_to(ctx, &mut out).map(|_| ())
+        }));
+        let rendered = rendered.unwrap_or_else(|payload| {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("the template engine panicked: {msg}"),
+            ))
+        });
         match rendered {
-            Ok(_) => {}
+            Ok(()) => {}
             Err(_) if out.full => {
                 return Err(Error::new(
                     ErrorKind::InvalidOperation,

@@ -90,6 +90,57 @@ fn chat_template_huge_sequence_is_not_printed() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
 }
 
+/// chat_template (AFL, 16 crashes, one cause): minijinja 2.24's slice operator indexes out of
+/// bounds on `''[::-1]` (reversing an empty string) and panicked the whole program; with
+/// overflow checks, `[:10**9:-1]` overflowed too. A panic while rendering is now an error.
+#[test]
+fn chat_template_panic_in_minijinja_is_an_error() {
+    // The fuzzer's input, minimized: reverse the content of an empty message.
+    let t = ChatTemplate::new("fuzz.gguf", "{{ messages[0].content[::-1] }}", "", "").unwrap();
+    let err = t.render(&[Message::new("user", "")], false).unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        "invalid operation: the template engine panicked: index out of bounds: the len is 0 but the index is 0"
+    );
+    assert_eq!(
+        t.render(&[Message::new("user", "abc")], false).unwrap(),
+        "cba"
+    );
+}
+
+/// The AFL inputs themselves (`tests/fuzz_regressions/chat_template_*.bin`), split as the
+/// `chat_template` harness splits them: flags byte (bit 0: add_generation_prompt), then
+/// template, role, content, … separated by NUL. Rendering must return (`Ok` or `Err`); the
+/// first gives the panic error above, the second only panics with overflow checks on.
+#[test]
+fn chat_template_afl_inputs_return() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
+    for name in [
+        "chat_template_reverse_empty.bin",
+        "chat_template_slice_overflow.bin",
+    ] {
+        let data = std::fs::read(dir.join(name)).unwrap();
+        let text = String::from_utf8_lossy(&data[1..]);
+        let mut parts = text.split('\0');
+        let source = parts.next().unwrap();
+        let rest: Vec<&str> = parts.collect();
+        let messages: Vec<Message> = rest
+            .chunks(2)
+            .take(8)
+            .map(|m| Message::new(m[0], m.get(1).copied().unwrap_or_default()))
+            .collect();
+        let t = ChatTemplate::new("fuzz.gguf", source, "<s>", "</s>").unwrap();
+        let result = t.render(&messages, data[0] & 1 != 0);
+        if name.contains("reverse_empty") {
+            let err = format!("{:#}", result.unwrap_err());
+            assert!(
+                err.contains("the template engine panicked: index out of bounds"),
+                "{err}"
+            );
+        }
+    }
+}
+
 /// Real templates stay far below both limits.
 #[test]
 fn long_conversations_still_render() {
