@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 
-use minijinja::value::Value;
+use minijinja::value::{Rest, Value};
 use minijinja::{context, Environment, Error, ErrorKind, Output, State};
 use serde::Serialize;
 
@@ -24,6 +24,11 @@ pub const MAX_RENDERED_BYTES: usize = 64 << 20;
 /// for `range`. Fuel counts instructions, and one instruction that prints `[1] * 10**9` or
 /// runs `batch(10**11)` would otherwise iterate or allocate for minutes (found by fuzzing).
 pub const MAX_TEMPLATE_ITEMS: usize = 100_000;
+
+/// Largest field width or precision in a format string (`'%20s'|format(x)`,
+/// `'{:>20}'.format(x)`): minijinja pads to whatever width it is given, so
+/// `'%44444444444444444g'` asked for a 44-petabyte string (found by fuzzing).
+pub const MAX_FORMAT_WIDTH: u64 = 100_000;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Message {
@@ -63,6 +68,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(python_method);
         env.set_formatter(format_value);
         env.add_filter("batch", batch);
+        env.add_filter("format", format_printf);
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
@@ -149,6 +155,9 @@ fn python_method(
             return Ok(Value::from(s.chars().count() + 1));
         }
     }
+    if let (Some(s), "format") = (value.as_str(), method) {
+        check_format_widths(s)?;
+    }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
 
@@ -183,6 +192,66 @@ fn batch(
         ));
     }
     minijinja::filters::batch(state, value, count, fill_with)
+}
+
+/// minijinja's printf-style `format` filter, with widths and precisions checked first.
+fn format_printf(state: &State, format: &Value, args: Rest<Value>) -> Result<Value, Error> {
+    if let Some(s) = format.as_str() {
+        check_format_widths(s)?;
+    }
+    minijinja::filters::format(state, format, args)
+}
+
+/// Refuses a width or precision over [`MAX_FORMAT_WIDTH`] in the specifications of a printf
+/// (`%-08.3f`, `%(key)5s`) or `str.format` (`{0:>12}`) format string. Numbers outside the
+/// specifications (literal text, argument indexes) are not looked at.
+fn check_format_widths(format: &str) -> Result<(), Error> {
+    let mut chars = format.chars().peekable();
+    while let Some(c) = chars.next() {
+        // The characters of one specification: after `%` up to its conversion letter, or
+        // after `:` inside braces up to `}`.
+        let spec: String = match c {
+            '%' => {
+                if chars.peek() == Some(&'(') {
+                    chars.by_ref().take_while(|&c| c != ')').for_each(drop);
+                }
+                let mut spec = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c.is_ascii_alphabetic() || c == '%' {
+                        break;
+                    }
+                    spec.push(c);
+                    chars.next();
+                }
+                spec
+            }
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                continue;
+            }
+            '{' => {
+                let field: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                field
+                    .split_once(':')
+                    .map(|(_, spec)| spec.to_string())
+                    .unwrap_or_default()
+            }
+            _ => continue,
+        };
+        for digits in spec
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|d| !d.is_empty())
+        {
+            let n: u64 = digits.parse().unwrap_or(u64::MAX);
+            if n > MAX_FORMAT_WIDTH {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("format width or precision {digits} is more than chat::MAX_FORMAT_WIDTH = {MAX_FORMAT_WIDTH}"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The rendered prompt, refusing to grow past [`MAX_RENDERED_BYTES`] (then `full` is set).

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use ffnskip::chat::{
-    ChatTemplate, Message, CHAT_TEMPLATE_FUEL, MAX_RENDERED_BYTES, MAX_TEMPLATE_ITEMS,
+    ChatTemplate, Message, CHAT_TEMPLATE_FUEL, MAX_FORMAT_WIDTH, MAX_RENDERED_BYTES,
+    MAX_TEMPLATE_ITEMS,
 };
 
 /// Renders `source` with one user message; returns the error text and how long it took.
@@ -111,13 +112,15 @@ fn chat_template_panic_in_minijinja_is_an_error() {
 /// The AFL inputs themselves (`tests/fuzz_regressions/chat_template_*.bin`), split as the
 /// `chat_template` harness splits them: flags byte (bit 0: add_generation_prompt), then
 /// template, role, content, … separated by NUL. Rendering must return (`Ok` or `Err`); the
-/// first gives the panic error above, the second only panics with overflow checks on.
+/// first gives the panic error above, the second only panicked with overflow checks on, the
+/// third asked for a 4.4e16-character field.
 #[test]
 fn chat_template_afl_inputs_return() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
     for name in [
         "chat_template_reverse_empty.bin",
         "chat_template_slice_overflow.bin",
+        "chat_template_format_width.bin",
     ] {
         let data = std::fs::read(dir.join(name)).unwrap();
         let text = String::from_utf8_lossy(&data[1..]);
@@ -132,13 +135,46 @@ fn chat_template_afl_inputs_return() {
         let t = ChatTemplate::new("fuzz.gguf", source, "<s>", "</s>").unwrap();
         let result = t.render(&messages, data[0] & 1 != 0);
         if name.contains("reverse_empty") {
-            let err = format!("{:#}", result.unwrap_err());
+            let err = format!("{:#}", result.as_ref().unwrap_err());
             assert!(
                 err.contains("the template engine panicked: index out of bounds"),
                 "{err}"
             );
         }
+        if name.contains("format_width") {
+            let err = format!("{:#}", result.as_ref().unwrap_err());
+            assert!(err.contains("is more than chat::MAX_FORMAT_WIDTH"), "{err}");
+        }
     }
+}
+
+/// chat_template (AFL): `'%44444444444444444g'|format(8)` made minijinja pad to a width of
+/// 4.4e16 characters (an allocation of petabytes). Widths and precisions are checked first,
+/// in printf-style and `str.format` strings.
+#[test]
+fn chat_template_huge_format_width_is_refused() {
+    let (err, _) = render_err("{{ '%44444444444444444g'|format(8) }}");
+    assert_eq!(
+        err,
+        "invalid operation: format width or precision 44444444444444444 is more than chat::MAX_FORMAT_WIDTH = 100000 (in chat:1)"
+    );
+    let (err, _) = render_err("{{ '{0:>99999999999}'.format(1) }}");
+    assert_eq!(
+        err,
+        "invalid operation: format width or precision 99999999999 is more than chat::MAX_FORMAT_WIDTH = 100000 (in chat:1)"
+    );
+    let t = ChatTemplate::new(
+        "m.gguf",
+        "{{ '%5.2f|%3d|100000000%%'|format(3.14159, 7) }}{{ '{0:>4}|{1}'.format('a', 12345678) }}",
+        "",
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        t.render(&[], false).unwrap(),
+        " 3.14|  7|100000000%   a|12345678"
+    );
+    assert_eq!(MAX_FORMAT_WIDTH, 100_000);
 }
 
 /// Real templates stay far below both limits.
