@@ -2,6 +2,10 @@
 //! input that crashed, hung or exhausted memory, small enough to keep here as a byte literal
 //! or a file under `tests/fuzz_regressions/`, with the exact error it must now give.
 
+/// The harness's input format, read exactly as the fuzzer read it.
+#[path = "../fuzz/src/chat_input.rs"]
+mod chat_input;
+
 use std::time::{Duration, Instant};
 
 use ffnskip::chat::{
@@ -123,17 +127,9 @@ fn chat_template_afl_inputs_return() {
         "chat_template_format_width.bin",
     ] {
         let data = std::fs::read(dir.join(name)).unwrap();
-        let text = String::from_utf8_lossy(&data[1..]);
-        let mut parts = text.split('\0');
-        let source = parts.next().unwrap();
-        let rest: Vec<&str> = parts.collect();
-        let messages: Vec<Message> = rest
-            .chunks(2)
-            .take(8)
-            .map(|m| Message::new(m[0], m.get(1).copied().unwrap_or_default()))
-            .collect();
-        let t = ChatTemplate::new("fuzz.gguf", source, "<s>", "</s>").unwrap();
-        let result = t.render(&messages, data[0] & 1 != 0);
+        let input = chat_input::parse(&data).unwrap();
+        let t = ChatTemplate::new("fuzz.gguf", &input.source, "<s>", "</s>").unwrap();
+        let result = t.render(&input.messages, input.add_generation_prompt);
         if name.contains("reverse_empty") {
             let err = format!("{:#}", result.as_ref().unwrap_err());
             assert!(

@@ -10,10 +10,12 @@
 //! Reproduce a finding without AFL: `fuzz/target/release/TARGET < crash-file` (the
 //! instrumented binaries read one input from stdin when not run under afl-fuzz).
 
+pub mod chat_input;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 
-use ffnskip::chat::{ChatTemplate, Message};
+use ffnskip::chat::ChatTemplate;
 use ffnskip::convert::llama2c::llama2c_to_gguf;
 use ffnskip::gguf::GgufFile;
 use ffnskip::model::Llama;
@@ -199,23 +201,13 @@ pub fn llama2c(data: &[u8]) {
     let _ = Llama::load(&file);
 }
 
-/// First byte: bit 0 add_generation_prompt. The rest (lossy UTF-8) split at NUL: the
-/// template source, then role, content, role, content, … (at most 8 messages).
+/// Renders a template and messages read by [`chat_input::parse`].
 pub fn chat_template(data: &[u8]) {
-    let Some((&flags, rest)) = data.split_first() else {
+    let Some(input) = chat_input::parse(data) else {
         return;
     };
-    let text = String::from_utf8_lossy(rest);
-    let mut parts = text.split('\0');
-    let source = parts.next().unwrap_or_default();
-    let rest: Vec<&str> = parts.collect();
-    let messages: Vec<Message> = rest
-        .chunks(2)
-        .take(8)
-        .map(|m| Message::new(m[0], m.get(1).copied().unwrap_or_default()))
-        .collect();
-    let Ok(t) = ChatTemplate::new("fuzz.gguf", source, "<s>", "</s>") else {
+    let Ok(t) = ChatTemplate::new("fuzz.gguf", &input.source, "<s>", "</s>") else {
         return;
     };
-    let _ = t.render(&messages, flags & 1 != 0);
+    let _ = t.render(&input.messages, input.add_generation_prompt);
 }

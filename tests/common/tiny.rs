@@ -25,33 +25,19 @@ pub fn tiny_model(arch: &str, shape_of: ShapeOf) -> GgufWriter<'static> {
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String(arch.into()));
     w.set("general.name", Value::String("tiny".into()));
-    w.set(&format!("{arch}.block_count"), Value::U32(N_LAYER as u32));
-    w.set(&format!("{arch}.context_length"), Value::U32(128));
-    w.set(
-        &format!("{arch}.embedding_length"),
-        Value::U32(N_EMBD as u32),
-    );
-    w.set(
-        &format!("{arch}.feed_forward_length"),
-        Value::U32(N_FF as u32),
-    );
-    w.set(
-        &format!("{arch}.attention.head_count"),
-        Value::U32(N_HEAD as u32),
-    );
-    w.set(
-        &format!("{arch}.attention.head_count_kv"),
-        Value::U32(N_HEAD as u32),
-    );
-    w.set(
-        &format!("{arch}.attention.layer_norm_rms_epsilon"),
-        Value::F32(1e-5),
-    );
-    w.set(&format!("{arch}.rope.freq_base"), Value::F32(10000.0));
-    w.set(
-        &format!("{arch}.rope.dimension_count"),
-        Value::U32((N_EMBD / N_HEAD) as u32),
-    );
+    for (key, value) in [
+        ("block_count", Value::U32(N_LAYER as u32)),
+        ("context_length", Value::U32(128)),
+        ("embedding_length", Value::U32(N_EMBD as u32)),
+        ("feed_forward_length", Value::U32(N_FF as u32)),
+        ("attention.head_count", Value::U32(N_HEAD as u32)),
+        ("attention.head_count_kv", Value::U32(N_HEAD as u32)),
+        ("attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("rope.freq_base", Value::F32(10000.0)),
+        ("rope.dimension_count", Value::U32((N_EMBD / N_HEAD) as u32)),
+    ] {
+        w.set(&format!("{arch}.{key}"), value);
+    }
     w.set("tokenizer.ggml.model", Value::String("llama".into()));
     let mut tokens = vec![
         "<unk>".to_string(),
