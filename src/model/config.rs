@@ -111,19 +111,19 @@ impl LlamaConfig {
         let n_ff = f.usize_in(&k("feed_forward_length"), DIM)?;
         let n_head = f.usize_in(&k("attention.head_count"), 1..=n_embd as u64)?;
         let n_head_kv = f
-            .opt_usize_in("llama.attention.head_count_kv", 1..=n_head as u64)?
+            .opt_usize_in(&k("attention.head_count_kv"), 1..=n_head as u64)?
             .unwrap_or(n_head);
         if n_embd % n_head != 0 {
             return Err(f.error(ErrorKind::BadValue {
                 key: k("attention.head_count"),
-                expected: format!("a divisor of llama.embedding_length = {n_embd}"),
+                expected: format!("a divisor of {} = {n_embd}", k("embedding_length")),
                 found: n_head.to_string(),
             }));
         }
         if n_head % n_head_kv != 0 {
             return Err(f.error(ErrorKind::BadValue {
                 key: k("attention.head_count_kv"),
-                expected: format!("a divisor of llama.attention.head_count = {n_head}"),
+                expected: format!("a divisor of {} = {n_head}", k("attention.head_count")),
                 found: n_head_kv.to_string(),
             }));
         }
@@ -140,7 +140,7 @@ impl LlamaConfig {
             }
         }
         let rope_dim = f
-            .opt_usize_in("llama.rope.dimension_count", 2..=head_dim as u64)?
+            .opt_usize_in(&k("rope.dimension_count"), 2..=head_dim as u64)?
             .unwrap_or(head_dim);
         if rope_dim % 2 != 0 {
             return Err(f.error(ErrorKind::BadValue {

@@ -7,6 +7,9 @@ use super::Lcg;
 pub const N_EMBD: u64 = 64;
 pub const N_LAYER: u64 = 2;
 pub const N_HEAD: u64 = 4;
+/// Grouped-query attention: two query heads per KV head.
+pub const N_HEAD_KV: u64 = 2;
+pub const KV_DIM: u64 = N_EMBD / N_HEAD * N_HEAD_KV;
 pub const N_FF: u64 = 128;
 pub const N_VOCAB: u64 = 32;
 
@@ -31,7 +34,7 @@ pub fn tiny_model(arch: &str, shape_of: ShapeOf) -> GgufWriter<'static> {
         ("embedding_length", Value::U32(N_EMBD as u32)),
         ("feed_forward_length", Value::U32(N_FF as u32)),
         ("attention.head_count", Value::U32(N_HEAD as u32)),
-        ("attention.head_count_kv", Value::U32(N_HEAD as u32)),
+        ("attention.head_count_kv", Value::U32(N_HEAD_KV as u32)),
         ("attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
         ("rope.freq_base", Value::F32(10000.0)),
         ("rope.dimension_count", Value::U32((N_EMBD / N_HEAD) as u32)),
@@ -87,12 +90,12 @@ pub fn tiny_model(arch: &str, shape_of: ShapeOf) -> GgufWriter<'static> {
         for (n, s) in [
             ("attn_norm", vec![N_EMBD]),
             ("attn_q", vec![N_EMBD, N_EMBD]),
-            ("attn_k", vec![N_EMBD, N_EMBD]),
-            ("attn_v", vec![N_EMBD, N_EMBD]),
+            ("attn_k", vec![N_EMBD, KV_DIM]),
+            ("attn_v", vec![N_EMBD, KV_DIM]),
             ("attn_output", vec![N_EMBD, N_EMBD]),
             ("attn_q.bias", vec![N_EMBD]),
-            ("attn_k.bias", vec![N_EMBD]),
-            ("attn_v.bias", vec![N_EMBD]),
+            ("attn_k.bias", vec![KV_DIM]),
+            ("attn_v.bias", vec![KV_DIM]),
             ("ffn_norm", vec![N_EMBD]),
             ("ffn_gate", vec![N_EMBD, N_FF]),
             ("ffn_up", vec![N_EMBD, N_FF]),
