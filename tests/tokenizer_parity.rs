@@ -247,6 +247,80 @@ fn llama2_vocab_matches_llama_cpp() {
     }
 }
 
+/// Code from MBPP (problem text, solution, tests) and whitespace runs, for code vocabularies.
+fn code_samples(shared: &Path) -> Vec<String> {
+    let raw = std::fs::read_to_string(shared.join("data/mbpp/sanitized-mbpp.json")).expect("mbpp");
+    let items: Vec<serde_json::Value> = serde_json::from_str(&raw).expect("mbpp json");
+    let mut out = Vec::new();
+    for it in &items {
+        for key in ["prompt", "code"] {
+            out.push(it[key].as_str().expect("mbpp text field").to_string());
+        }
+        let tests: Vec<&str> = it["test_list"]
+            .as_array()
+            .expect("mbpp test_list")
+            .iter()
+            .filter_map(|t| t.as_str())
+            .collect();
+        out.push(tests.join("\n"));
+    }
+    for n in [1, 2, 3, 4, 7, 8, 15, 16, 33] {
+        out.push(format!("def f():\n{}return 1\n", " ".repeat(n)));
+        out.push(format!(
+            "x{}y\n{}\n\t{}z",
+            " ".repeat(n),
+            "\t".repeat(n),
+            "\n".repeat(n)
+        ));
+    }
+    out
+}
+
+/// The Qwen2.5 vocabulary (151,936 tokens, `qwen2` pre-tokenizer) in both catalogue Qwen
+/// files: 2,000+ lines of wikitext-2 test, MBPP code, whitespace runs, CJK and emoji.
+#[test]
+fn qwen_vocab_matches_llama_cpp() {
+    let Some(shared) = common::shared("qwen_vocab_matches_llama_cpp") else {
+        return;
+    };
+    let lines = wikitext_lines(&shared);
+    let code = code_samples(&shared);
+    for name in ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"] {
+        let path = common::catalogue_model(name);
+        let file = GgufFile::open(&path).unwrap();
+        let ours = Tokenizer::from_gguf(&file).unwrap();
+        let peer = LlamaCpp::load_vocab(&path).unwrap();
+        assert_eq!(ours.n_vocab(), 151936);
+        assert_eq!(ours.n_vocab(), peer.n_vocab());
+        let mut stats = Stats::new(&format!("{name} edge cases"));
+        compare(&ours, &peer, EDGE_CASES, ALL_MODES, &mut stats);
+        stats.report();
+        let mut stats = Stats::new(&format!("{name} wikitext-2 test + MBPP code"));
+        let texts: Vec<&str> = lines.iter().chain(&code).map(String::as_str).collect();
+        compare(
+            &ours,
+            &peer,
+            &texts,
+            &[(false, false), (true, true)],
+            &mut stats,
+        );
+        let doc: String = lines[..400].join("\n");
+        compare(&ours, &peer, &[doc.as_str()], &[(false, false)], &mut stats);
+        for t in texts.iter().take(500) {
+            let ids = peer.tokenize(t, false, false);
+            if ours.decode_bytes(&ids) != peer.detokenize(&ids) {
+                stats
+                    .mismatches
+                    .push(format!("detokenize differs on {t:?}"));
+            }
+        }
+        stats.report();
+        for id in 0..ours.n_vocab() as u32 {
+            assert_eq!(ours.is_eog(id), peer.is_eog(id), "{name}: is_eog({id})");
+        }
+    }
+}
+
 /// The gpt2 pre-tokenizer table, checked on the SmolLM vocabulary with other `pre` values.
 #[test]
 fn gpt2_pre_tokenizers_match_llama_cpp() {
