@@ -11,8 +11,9 @@ use crate::skip::SkipOptions;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// GGUF models to measure (repeatable; default: the default model).
-    #[arg(short = 'm', long = "model")]
+    /// GGUF models to measure, as paths or catalogue names (repeatable; default: the
+    /// default model).
+    #[arg(short = 'm', long = "model", value_name = "PATH|NAME")]
     pub models: Vec<PathBuf>,
     /// Policies as NAME[:RATIO], comma-separated or repeated (e.g. none,adaptive:0.25).
     #[arg(
@@ -69,7 +70,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let models = if a.models.is_empty() {
         vec![crate::fetch::default_model()?]
     } else {
-        a.models.clone()
+        a.models
+            .iter()
+            .map(|m| super::models::resolve("-m/--model", m))
+            .collect::<anyhow::Result<Vec<_>>>()?
     };
     if let Some(base) = &a.plot {
         let mut inputs: Vec<(&str, &std::path::Path)> =

@@ -14,8 +14,8 @@ use crate::skip::SkipOptions;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// GGUF model (default: the default model).
-    #[arg(short = 'm', long = "model")]
+    /// GGUF model file or catalogue name (default: the default model).
+    #[arg(short = 'm', long = "model", value_name = "PATH|NAME")]
     pub model: Option<PathBuf>,
     /// Tasks (freebaseqa, perplexity, agreement, summarize), comma-separated, or `all`.
     #[arg(long = "task", value_delimiter = ',', default_value = "all")]

