@@ -164,7 +164,12 @@ fn fetch(home: &Path, entry: &Entry, path: &Path) -> Result<()> {
     let stale = parts::remove_stale(&parts_dir, &models, entry);
     if stale > 0 {
         eprintln!(
-            "ffnskip: removed {stale} temporary file(s) of an interrupted fetch of {}",
+            "ffnskip: removed {stale} {} left by an interrupted fetch of {}",
+            if stale == 1 {
+                "temporary"
+            } else {
+                "temporaries"
+            },
             entry.name
         );
     }
@@ -204,6 +209,12 @@ fn fetch(home: &Path, entry: &Entry, path: &Path) -> Result<()> {
         }
     }
     progress.finish();
+    if n > 1 {
+        eprintln!(
+            "ffnskip: assembling {} from its {n} parts and checking its sha256 …",
+            entry.name
+        );
+    }
     let verified = parts::assemble(entry, &part_paths, path);
     // Parts are kept only to resume a download; once assembled, or found bad, they go.
     let _ = std::fs::remove_dir_all(&parts_dir);

@@ -142,7 +142,7 @@ fn explain(stderr: &str, status: ExitStatus) -> String {
         return "python3 -m pip download could not reach the package index (no network?)".into();
     }
     if has(&["No matching distribution found", "Could not find a version"]) {
-        return "python3 -m pip download found no such package on the package index".into();
+        return "python3 -m pip download found no such package (no network, or not on the package index)".into();
     }
     let last = stderr
         .lines()
@@ -202,7 +202,7 @@ mod tests {
                 "ERROR: No matching distribution found for x==1\n",
                 status(1)
             ),
-            "python3 -m pip download found no such package on the package index"
+            "python3 -m pip download found no such package (no network, or not on the package index)"
         );
         assert_eq!(
             explain("ERROR: HTTP error 503 while getting https://x.example/y\n\n", status(2)),
