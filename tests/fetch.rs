@@ -131,23 +131,30 @@ fn an_interrupted_pull_resumes() {
     let home = Home::new("fetch-resume");
     let name = "qwen2.5-coder-0.5b";
     let e = entry(name);
+    let log = common::TempFile(common::temp_path("fetch-resume", "stderr.txt"));
+    let log_file = std::fs::File::create(&log.0).expect("stderr log");
+    let read_log = || std::fs::read_to_string(&log.0).unwrap_or_default();
     // Its own process group, so that the kill takes pip with it, as a terminal's would.
     let mut child = bin()
         .args(["pull", name])
         .env("FFNSKIP_HOME", &home.0)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log_file)
         .process_group(0)
         .spawn()
         .expect("run ffnskip pull");
     let start = Instant::now();
     while stored_parts(&home.0, name) < 2 {
         if let Some(status) = child.try_wait().expect("wait") {
-            panic!("pull ended ({status}) before it was interrupted");
+            panic!(
+                "pull ended ({status}) before it was interrupted:\n{}",
+                read_log()
+            );
         }
         assert!(
             start.elapsed() < Duration::from_secs(600),
-            "no 2 parts stored in 10 minutes"
+            "no 2 parts stored in 10 minutes:\n{}",
+            read_log()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
