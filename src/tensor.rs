@@ -5,19 +5,28 @@
 //! `ne = [n_in, n_out]`); activations are row-major `[batch, n_in]`, quantized once per row
 //! to the weight's `vec_dot_type`. Products are written row-major by output feature,
 //! `[n_out, batch]`, so each thread owns one contiguous range of output rows.
+//!
+//! A matrix may also hold a copy repacked by ggml for its GEMV kernels ([`Matrix::pack`], as
+//! llama.cpp does at load); products then run that kernel for every activation row, batched
+//! or not, so batched and token-by-token evaluation give the same bits.
+
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::ggml::repack::Packed;
 use crate::ggml::{self, Kernels};
 use crate::gguf::{ErrorKind, GgmlType, GgufFile, Result};
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Matrix<'a> {
     pub ty: GgmlType,
     pub n_in: usize,
     pub n_out: usize,
     data: &'a [u8],
     kernels: Kernels,
+    /// ggml's repacked copy, used for products when present.
+    packed: Option<Arc<Packed>>,
 }
 
 impl<'a> Matrix<'a> {
@@ -52,6 +61,7 @@ impl<'a> Matrix<'a> {
             n_out,
             data: f.tensor_data(info),
             kernels,
+            packed: None,
         })
     }
 
@@ -69,7 +79,31 @@ impl<'a> Matrix<'a> {
             n_out,
             data,
             kernels,
+            packed: None,
         })
+    }
+
+    /// Repacks the weights with ggml for its GEMV kernels when ggml would on this CPU (see
+    /// [`crate::ggml::repack`]); returns whether it did. The mapped rows stay readable.
+    pub fn pack(&mut self) -> bool {
+        if self.packed.is_none() {
+            self.packed = Packed::new(self.ty, self.n_in, self.n_out, self.data).map(Arc::new);
+        }
+        self.packed.is_some()
+    }
+
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// Product row ranges start and end on multiples of this (a packed matrix's row group).
+    pub fn row_align(&self) -> usize {
+        self.packed.as_ref().map_or(1, |p| p.group_rows())
+    }
+
+    /// The mapped bytes (the GGUF's layout, also when packed).
+    pub fn data(&self) -> &'a [u8] {
+        self.data
     }
 
     pub fn kernels(&self) -> &Kernels {
@@ -107,8 +141,31 @@ impl<'a> Matrix<'a> {
         batch: usize,
         out: &mut [f32],
     ) {
+        let arb = self.act_row_bytes();
+        let acts = &act[..arb * batch];
+        if let Some(p) = &self.packed {
+            // Tiles of rows small enough to stay in L2 across the activation rows.
+            const TILE: usize = 64;
+            let mut tmp = [0f32; TILE];
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let r1 = (r0 + TILE).min(rows.end);
+                let o0 = (r0 - rows.start) * batch;
+                if batch == 1 {
+                    p.gemv(r0..r1, acts, &mut out[o0..o0 + (r1 - r0)]);
+                } else {
+                    for (b, act) in acts.chunks_exact(arb).enumerate() {
+                        p.gemv(r0..r1, act, &mut tmp[..r1 - r0]);
+                        for (i, v) in tmp[..r1 - r0].iter().enumerate() {
+                            out[o0 + i * batch + b] = *v;
+                        }
+                    }
+                }
+                r0 = r1;
+            }
+            return;
+        }
         let rb = self.row_bytes();
-        let acts = &act[..self.act_row_bytes() * batch];
         self.kernels.matmul_tile(
             self.n_in,
             &self.data[rows.start * rb..rows.end * rb],
@@ -148,7 +205,8 @@ pub fn matmul_group(mats: &[(&Matrix, &[u8])], batch: usize, out: &mut [f32]) {
         let (mut row, mut bytes) = (0usize, 0usize);
         for (m, _) in mats {
             if bytes + m.n_bytes() >= target {
-                row += (target - bytes) / m.row_bytes().max(1);
+                let within = (target - bytes) / m.row_bytes().max(1);
+                row += within - within % m.row_align();
                 break;
             }
             row += m.n_out;

@@ -15,7 +15,8 @@ use ffnskip::model::Llama;
 use ffnskip::peer::{argmax, LlamaCpp, PeerMode};
 use ffnskip::session::{Session, SessionConfig};
 
-const LONG: &str = "The river that runs through the old town was, for most of its history, the reason the town existed at all. Merchants brought salt, wool and timber down from the hills on flat-bottomed boats, and the first bridge, built of oak in the eleventh century, was replaced by a stone one after a flood carried the wooden piers away in the winter of 1302. The stone bridge had seven arches, a chapel at its midpoint and a row of narrow houses along both sides, so that travellers crossing it hardly noticed they were above water. Tolls collected at the gate paid for the town walls, the grammar school and, later, a hospital for sailors. When the railway arrived in 1847 the boats disappeared within a generation, the warehouses along the quay were turned into workshops, and the chapel on the bridge became a tobacconist. Today the houses are gone, removed in 1760 to widen the road, but the arches remain, and at low tide one can still see the iron rings where barges were moored. Local historians argue about whether the bridge or the market came first; the parish records, which begin in 1538, are silent on the question, and the older charters were lost when the abbey library burned. What is certain is that the town's fortunes rose and fell with the water: every great flood is remembered in a street name, and the high-water marks cut into the wall of the old customs house record the years 1771, 1852, 1894 and 1947.";
+use common::LONG;
+
 
 /// Top-2 margin (logits) below which llama.cpp's default choice depends on its batch shape.
 const TIE: f32 = 1.0;

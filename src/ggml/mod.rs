@@ -9,6 +9,7 @@
 #![allow(unsafe_code)]
 
 pub mod order;
+pub mod repack;
 
 use std::sync::OnceLock;
 
@@ -44,8 +45,34 @@ pub fn init() {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
         // SAFETY: ggml_cpu_init takes no arguments and is idempotent; OnceLock runs it once.
-        unsafe { sys::ggml_cpu_init() }
+        // `log` is a valid callback for the whole program and ignores `user_data`.
+        unsafe {
+            sys::ggml_log_set(Some(log), std::ptr::null_mut());
+            sys::ggml_cpu_init()
+        }
     });
+}
+
+/// ggml's log, minus its debug and info chatter (one line per repacked tensor): warnings
+/// and errors go to stderr. `CONT` continues the previous message at its level.
+unsafe extern "C" fn log(
+    level: sys::ggml_log_level,
+    text: *const std::ffi::c_char,
+    _: *mut std::ffi::c_void,
+) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static LAST: AtomicU32 = AtomicU32::new(sys::GGML_LOG_LEVEL_NONE);
+    let level = if level == sys::GGML_LOG_LEVEL_CONT {
+        LAST.load(Ordering::Relaxed)
+    } else {
+        LAST.store(level, Ordering::Relaxed);
+        level
+    };
+    if level >= sys::GGML_LOG_LEVEL_WARN && !text.is_null() {
+        // SAFETY: ggml passes a NUL-terminated string valid for the duration of the call.
+        let t = unsafe { std::ffi::CStr::from_ptr(text) };
+        eprint!("{}", t.to_string_lossy());
+    }
 }
 
 /// The kernels for `ty`, or `None` when ggml's CPU backend has no dot product for it.

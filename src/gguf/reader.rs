@@ -165,6 +165,36 @@ impl GgufFile {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }
 
+    /// Tells the kernel that the mapped pages wholly inside `data` (a slice of this file's
+    /// tensor data) will not be needed soon, so they leave the process's resident set (for
+    /// weights used only through a repacked copy). They stay mapped: a later read faults them
+    /// back in from the file. No-op for in-memory files or a slice from elsewhere.
+    pub fn release(&self, data: &[u8]) {
+        let Bytes::Mmap(m) = &self.bytes else {
+            return;
+        };
+        let base = m.as_ptr() as usize;
+        let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+        if start < base || end > base + m.len() {
+            return;
+        }
+        let page = 4096; // x86-64 and most aarch64 kernels; larger pages only make this a no-op
+        let (lo, hi) = (
+            (start - base).div_ceil(page) * page,
+            (end - base) / page * page,
+        );
+        if lo < hi {
+            // SAFETY: MADV_DONTNEED on a read-only, file-backed private mapping that was never
+            // written drops the pages; later reads fault them back in from the file with the
+            // same contents (under the assumption `open` already makes: the file is not
+            // modified while mapped), so every borrowed slice stays valid.
+            #[allow(unsafe_code)]
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+        }
+    }
+
     /// The bytes of a tensor, borrowed from the mapping. Bounds were validated at open.
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + info.offset) as usize;

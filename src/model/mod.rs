@@ -16,6 +16,21 @@ pub use weights::{LayerWeights, Weights};
 use crate::gguf::{GgufFile, Result};
 use rope::Rope;
 
+/// How [`Llama::load_with`] prepares the weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Repack the types ggml repacks on this CPU (Q4_K on x86 with AVX2) into its interleaved
+    /// layout and run its GEMV kernels on them, as llama.cpp does by default (its
+    /// `--no-repack` turns that off). The copy replaces the mapped pages in memory.
+    pub repack: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { repack: true }
+    }
+}
+
 pub struct Llama<'a> {
     pub file: &'a GgufFile,
     pub config: LlamaConfig,
@@ -24,11 +39,20 @@ pub struct Llama<'a> {
 }
 
 impl<'a> Llama<'a> {
-    /// Reads the configuration and views every weight; nothing is copied but the norms.
+    /// [`Llama::load_with`] with the default options (weights repacked as llama.cpp does).
     pub fn load(file: &'a GgufFile) -> Result<Self> {
+        Self::load_with(file, LoadOptions::default())
+    }
+
+    /// Reads the configuration and views every weight; nothing is copied but the norms and,
+    /// with `repack`, the matrices ggml repacks for its GEMV kernels on this CPU.
+    pub fn load_with(file: &'a GgufFile, options: LoadOptions) -> Result<Self> {
         crate::ggml::init();
         let config = LlamaConfig::from_gguf(file)?;
-        let weights = Weights::from_gguf(file, &config)?;
+        let mut weights = Weights::from_gguf(file, &config)?;
+        if options.repack {
+            weights.repack(file);
+        }
         let rope = Rope::new(&config, weights.rope_freqs.clone());
         Ok(Llama {
             file,

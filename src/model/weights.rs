@@ -83,6 +83,45 @@ fn vector(f: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>> {
 }
 
 impl<'a> Weights<'a> {
+    /// Every matrix products run on (all but the embedding, which is read by rows; a tied
+    /// output head shares it and stays as it is too, as in llama.cpp).
+    fn product_matrices(&mut self) -> Vec<&mut Matrix<'a>> {
+        let mut v: Vec<&mut Matrix<'a>> = Vec::new();
+        if !self.tied_output {
+            v.push(&mut self.output);
+        }
+        for l in &mut self.layers {
+            v.extend([
+                &mut l.attn_q,
+                &mut l.attn_k,
+                &mut l.attn_v,
+                &mut l.attn_output,
+                &mut l.ffn_gate,
+                &mut l.ffn_up,
+                &mut l.ffn_down,
+            ]);
+        }
+        v
+    }
+
+    /// Repacks, with ggml, every product matrix whose type ggml repacks on this CPU (as
+    /// llama.cpp's loader does; see [`crate::ggml::repack`]), in parallel, and releases the
+    /// mapped pages of those matrices from the resident set. Returns the bytes repacked.
+    pub fn repack(&mut self, f: &GgufFile) -> usize {
+        use rayon::prelude::*;
+        self.product_matrices()
+            .into_par_iter()
+            .map(|m| {
+                if m.pack() {
+                    f.release(m.data());
+                    m.n_bytes()
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+
     pub fn from_gguf(f: &'a GgufFile, c: &LlamaConfig) -> Result<Self> {
         let token_embd = Matrix::from_gguf(f, "token_embd.weight", c.n_embd, c.n_vocab)?;
         if !ggml::can_dequantize(token_embd.ty) {
@@ -97,7 +136,7 @@ impl<'a> Weights<'a> {
                 Matrix::from_gguf(f, "output.weight", c.n_embd, c.n_vocab)?,
                 false,
             ),
-            None => (token_embd, true),
+            None => (token_embd.clone(), true),
         };
         let rope_freqs = match f.tensor_info("rope_freqs.weight") {
             Some(_) => Some(vector(f, "rope_freqs.weight", c.rope_dim / 2)?),
@@ -123,6 +162,7 @@ impl<'a> Weights<'a> {
                     ]),
                     Arch::Llama => None,
                 };
+                let [ffn_gate, ffn_up] = ffn;
                 Ok(LayerWeights {
                     attn_norm: vector(f, &format!("blk.{l}.attn_norm.weight"), c.n_embd)?,
                     attn_q: m("attn_q", c.n_embd, c.n_embd)?,
@@ -131,8 +171,8 @@ impl<'a> Weights<'a> {
                     attn_output: m("attn_output", c.n_embd, c.n_embd)?,
                     attn_qkv_bias,
                     ffn_norm: vector(f, &format!("blk.{l}.ffn_norm.weight"), c.n_embd)?,
-                    ffn_gate: ffn[0],
-                    ffn_up: ffn[1],
+                    ffn_gate,
+                    ffn_up,
                     ffn_down: m("ffn_down", c.n_ff, c.n_embd)?,
                 })
             })

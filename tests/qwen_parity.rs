@@ -1,0 +1,209 @@
+//! ffnskip against llama.cpp (through llama-cpp-2) on the two catalogue Qwen2.5-Coder files:
+//! 0.5B (Q5_0/Q8_0 with some Q4_K and Q6_K) and 1.5B (Q4_K_M: Q4_K and Q6_K).
+//!
+//! Both engines repack Q4_K at load on x86 with AVX2 and run ggml's
+//! `ggml_gemv_q4_K_8x8_q8_K` on it; every other type runs ggml's row-by-row `vec_dot`.
+//! - Against llama.cpp evaluating one token per ubatch ([`PeerMode::Reference`] with
+//!   `ubatch: 1`, the configuration in which it runs only those kernels), logits are identical
+//!   to the bit at every prompt position and over 64 greedy steps.
+//! - Against llama.cpp's defaults (512-row ubatches: its Q4_K GEMM, tinyBLAS for Q8_0/Q5_0,
+//!   tiled flash attention), the largest |Δlogit| is bounded by llama.cpp's own
+//!   batched-vs-token-by-token difference, measured in the same run, and top-1 differs only
+//!   where llama.cpp's batched logits are a near-tie (llama.cpp's own batched and token-by-token
+//!   top-1 differ at as many positions).
+//! - ffnskip's batched prefill equals its token-by-token decode, bit for bit.
+
+mod common;
+
+use ffnskip::gguf::GgufFile;
+use ffnskip::model::Llama;
+use ffnskip::peer::{argmax, LlamaCpp, PeerMode};
+use ffnskip::session::{Session, SessionConfig};
+
+use common::LONG;
+
+const CODE: &str = "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    \"\"\"Merge two sorted lists into one sorted list.\n\n    >>> merge_sorted([1, 4, 9], [2, 3, 10])\n    [1, 2, 3, 4, 9, 10]\n    \"\"\"\n";
+
+const CHAT: &str = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nWrite a shell one-liner that counts the lines of every .rs file under src/.<|im_end|>\n<|im_start|>assistant\n";
+
+fn prompts() -> [&'static str; 3] {
+    [CODE, CHAT, LONG]
+}
+
+fn load(name: &str) -> (std::path::PathBuf, GgufFile) {
+    let path = common::catalogue_model(name);
+    let file = GgufFile::open(&path).expect("open");
+    (path, file)
+}
+
+fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Every prompt position and 64 greedy steps, identical to the bit to llama.cpp run one token
+/// per ubatch.
+fn identical_to_llama_cpp_token_by_token(name: &str) {
+    let (path, file) = load(name);
+    let model = Llama::load(&file).expect("load");
+    let peer = LlamaCpp::load(&path).expect("llama.cpp loads the model");
+    let n_vocab = model.config.n_vocab;
+    let mut positions = 0;
+    for prompt in prompts() {
+        let ids = peer.tokenize(prompt, true, true);
+        if prompt == LONG {
+            assert!(ids.len() >= 280, "long prompt has {} tokens", ids.len());
+        }
+        let mut pc = peer
+            .context(1024, 2, PeerMode::Reference { ubatch: 1 })
+            .expect("context");
+        let theirs = pc.eval(&ids, true).expect("eval");
+        let mut s = Session::new(&model, SessionConfig::new(1024, 2)).expect("session");
+        let ours = s.eval_all(&ids, true).expect("forward");
+        for (i, t) in theirs.iter().enumerate() {
+            let o = &ours[i * n_vocab..(i + 1) * n_vocab];
+            assert!(
+                bits_equal(o, t),
+                "{name}: logits differ at position {i} of {prompt:?}: max |Δ| {}, top-1 ours {} llama.cpp {}",
+                common::max_abs_diff(o, t),
+                argmax(o),
+                argmax(t)
+            );
+        }
+        positions += ids.len();
+        pc.clear();
+        s.reset();
+        let mut theirs = pc.eval(&ids, false).expect("eval").remove(0);
+        let mut ours = s.prefill(&ids).expect("prefill").to_vec();
+        let mut text = Vec::new();
+        for step in 0..64 {
+            let (a, b) = (argmax(&ours), argmax(&theirs));
+            assert_eq!(a, b, "{name}: greedy step {step} of {prompt:?}");
+            assert!(
+                bits_equal(&ours, &theirs),
+                "{name}: greedy step {step} of {prompt:?}: logits differ by {}",
+                common::max_abs_diff(&ours, &theirs)
+            );
+            text.push(a);
+            theirs = pc.eval(&[a], false).expect("eval").remove(0);
+            ours = s.decode(a).expect("decode").to_vec();
+        }
+        eprintln!(
+            "{name}: {:?}… → {:?}: 64 greedy tokens identical",
+            &prompt[..prompt.len().min(24)],
+            String::from_utf8_lossy(&peer.detokenize(&text[..24])),
+        );
+    }
+    eprintln!(
+        "{name}: {positions} prompt positions and 192 greedy steps, logits identical to the bit"
+    );
+}
+
+/// Top-2 margin (logits) below which llama.cpp's default choice depends on its batch shape.
+const TIE: f32 = 0.5;
+
+/// Against llama.cpp's default batched evaluation.
+fn within_llama_cpp_default_noise(name: &str) {
+    let (path, file) = load(name);
+    let model = Llama::load(&file).expect("load");
+    let peer = LlamaCpp::load(&path).expect("llama.cpp loads the model");
+    let n_vocab = model.config.n_vocab;
+    let (mut worst, mut worst_self, mut positions, mut self_flips, mut ties) =
+        (0f32, 0f32, 0, 0, 0);
+    for prompt in prompts() {
+        let ids = peer.tokenize(prompt, true, true);
+        let mut pc = peer.context(1024, 2, PeerMode::Default).expect("context");
+        let theirs = pc.eval(&ids, true).expect("eval");
+        pc.clear();
+        let theirs_seq: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|&t| pc.eval(&[t], false).expect("eval").remove(0))
+            .collect();
+        let mut s = Session::new(&model, SessionConfig::new(1024, 2)).expect("session");
+        let ours = s.eval_all(&ids, true).expect("forward");
+        for (i, t) in theirs.iter().enumerate() {
+            let o = &ours[i * n_vocab..(i + 1) * n_vocab];
+            let (a, b) = (argmax(o), argmax(t));
+            if a != b {
+                // Only where llama.cpp's batched logits are themselves a near-tie.
+                let margin = t[b as usize] - t[a as usize];
+                assert!(
+                    margin < TIE,
+                    "{name}: top-1 differs at position {i} of {prompt:?}: ours {a}, llama.cpp {b}, {margin} apart"
+                );
+                ties += 1;
+            }
+            worst = worst.max(common::max_abs_diff(o, t));
+            worst_self = worst_self.max(common::max_abs_diff(t, &theirs_seq[i]));
+            self_flips += usize::from(argmax(t) != argmax(&theirs_seq[i]));
+        }
+        positions += ids.len();
+    }
+    eprintln!(
+        "{name} vs llama.cpp defaults: {positions} positions, top-1 differs at {ties} near-ties; \
+         max |Δlogit| {worst:.4}; llama.cpp batched vs its own token-by-token: {worst_self:.4}, \
+         top-1 flips {self_flips}"
+    );
+    assert!(
+        worst <= worst_self,
+        "{name}: max |Δlogit| {worst} exceeds llama.cpp's own batched-vs-sequential {worst_self}"
+    );
+}
+
+/// Batched prefill (64-row chunks) and token-by-token decode give the same bits.
+fn batched_equals_sequential(name: &str) {
+    let (path, file) = load(name);
+    let model = Llama::load(&file).expect("load");
+    let n_vocab = model.config.n_vocab;
+    let peer = LlamaCpp::load_vocab(&path).expect("vocab");
+    let ids = peer.tokenize(&format!("{CODE}{LONG}"), true, true);
+    let config = SessionConfig {
+        n_ctx: 1024,
+        threads: 2,
+        batch: 64,
+    };
+    let mut batched = Session::new(&model, config).expect("session");
+    let all = batched.eval_all(&ids, true).expect("batched");
+    let mut seq = Session::new(&model, SessionConfig::new(1024, 2)).expect("session");
+    for (i, &t) in ids.iter().enumerate() {
+        let l = seq.decode(t).expect("decode");
+        assert!(
+            bits_equal(l, &all[i * n_vocab..(i + 1) * n_vocab]),
+            "{name}: batched and sequential logits differ at position {i}: max |Δ| {}",
+            common::max_abs_diff(l, &all[i * n_vocab..(i + 1) * n_vocab])
+        );
+    }
+    eprintln!(
+        "{name}: batched (64-row chunks) = sequential over {} positions, to the bit",
+        ids.len()
+    );
+}
+
+#[test]
+fn qwen_0_5b_identical_to_llama_cpp_token_by_token() {
+    identical_to_llama_cpp_token_by_token("qwen2.5-coder-0.5b");
+}
+
+#[test]
+fn qwen_1_5b_identical_to_llama_cpp_token_by_token() {
+    identical_to_llama_cpp_token_by_token("qwen2.5-coder-1.5b");
+}
+
+#[test]
+fn qwen_0_5b_within_llama_cpp_default_noise() {
+    within_llama_cpp_default_noise("qwen2.5-coder-0.5b");
+}
+
+#[test]
+fn qwen_1_5b_within_llama_cpp_default_noise() {
+    within_llama_cpp_default_noise("qwen2.5-coder-1.5b");
+}
+
+#[test]
+fn qwen_0_5b_batched_equals_sequential() {
+    batched_equals_sequential("qwen2.5-coder-0.5b");
+}
+
+#[test]
+fn qwen_1_5b_batched_equals_sequential() {
+    batched_equals_sequential("qwen2.5-coder-1.5b");
+}
