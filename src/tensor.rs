@@ -197,8 +197,13 @@ pub fn matmul_group(mats: &[(&Matrix, &[u8])], batch: usize, out: &mut [f32]) {
     let total_rows: usize = mats.iter().map(|(m, _)| m.n_out).sum();
     assert_eq!(out.len(), total_rows * batch);
     let total_bytes: usize = mats.iter().map(|(m, _)| m.n_bytes()).sum();
+    // Chunks of equal weight bytes, a few per thread when the product is large enough, so
+    // rayon's work stealing evens out threads that run slower (other work, mixed types).
     let threads = rayon::current_num_threads().clamp(1, MAX_SPLITS);
-    // Row boundaries (in the concatenated row space) of each thread's share, by bytes.
+    let threads = (threads * CHUNKS_PER_THREAD)
+        .min(total_bytes / MIN_CHUNK_BYTES)
+        .clamp(threads, MAX_SPLITS);
+    // Row boundaries (in the concatenated row space) of each chunk, by bytes.
     let mut bounds = [0usize; MAX_SPLITS + 1];
     for (t, b) in bounds.iter_mut().enumerate().take(threads + 1).skip(1) {
         let target = total_bytes * t / threads;
@@ -239,6 +244,10 @@ pub fn matmul_group(mats: &[(&Matrix, &[u8])], batch: usize, out: &mut [f32]) {
 
 /// Most threads a product is split over.
 pub const MAX_SPLITS: usize = 64;
+
+/// Chunks per thread in [`matmul_group`], and the fewest weight bytes worth a chunk of its own.
+const CHUNKS_PER_THREAD: usize = 4;
+const MIN_CHUNK_BYTES: usize = 64 << 10;
 
 /// Runs `f(lo, hi, chunk, scratch)` for consecutive row ranges `[bounds[i], bounds[i+1])` in
 /// parallel (rayon::join, no allocation); `chunk` is that range's part of `out` (`row_len`

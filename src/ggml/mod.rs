@@ -340,6 +340,54 @@ pub fn cpu_features() -> Vec<&'static str> {
         .collect()
 }
 
+/// ggml's own flash attention (`ggml_flash_attn_ext`, one thread, no mask) of one query row
+/// `q` (`[hd]`) over one head's keys and values (`[n_kv, hd]` each, f16): `[hd]`. Run once, to
+/// decide which rounding [`order::softmax_values`] mirrors; `None` if ggml cannot allocate.
+pub fn flash_attn_one(q: &[f32], k: &[half::f16], v: &[half::f16], scale: f32) -> Option<Vec<f32>> {
+    let hd = q.len();
+    let n_kv = k.len() / hd.max(1);
+    assert!(hd > 0 && k.len() == hd * n_kv && v.len() == k.len() && n_kv > 0);
+    init();
+    // SAFETY: the context owns its memory (no_alloc false, sized for the three inputs, the
+    // output, the graph and per-tensor overhead); each input is created with exactly the
+    // length copied into it; the graph runs synchronously, its output (`[hd, 1, 1, 1]`, F32)
+    // is copied out before the context is freed, once, on every path.
+    unsafe {
+        let mem = (hd * 4 + 2 * k.len() * 2 + hd * 4) * 2 + (1 << 20);
+        let ctx = sys::ggml_init(sys::ggml_init_params {
+            mem_size: mem,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: false,
+        });
+        if ctx.is_null() {
+            return None;
+        }
+        let (h, n) = (hd as i64, n_kv as i64);
+        let tq = sys::ggml_new_tensor_4d(ctx, sys::GGML_TYPE_F32, h, 1, 1, 1);
+        let tk = sys::ggml_new_tensor_4d(ctx, sys::GGML_TYPE_F16, h, n, 1, 1);
+        let tv = sys::ggml_new_tensor_4d(ctx, sys::GGML_TYPE_F16, h, n, 1, 1);
+        let result = if tq.is_null() || tk.is_null() || tv.is_null() {
+            None
+        } else {
+            std::ptr::copy_nonoverlapping(q.as_ptr(), (*tq).data.cast::<f32>(), hd);
+            std::ptr::copy_nonoverlapping(k.as_ptr(), (*tk).data.cast::<half::f16>(), k.len());
+            std::ptr::copy_nonoverlapping(v.as_ptr(), (*tv).data.cast::<half::f16>(), v.len());
+            let out =
+                sys::ggml_flash_attn_ext(ctx, tq, tk, tv, std::ptr::null_mut(), scale, 0.0, 0.0);
+            let gf = sys::ggml_new_graph(ctx);
+            if out.is_null() || gf.is_null() {
+                None
+            } else {
+                sys::ggml_build_forward_expand(gf, out);
+                (sys::ggml_graph_compute_with_ctx(ctx, gf, 1) == sys::GGML_STATUS_SUCCESS)
+                    .then(|| std::slice::from_raw_parts((*out).data.cast::<f32>(), hd).to_vec())
+            }
+        };
+        sys::ggml_free(ctx);
+        result
+    }
+}
+
 /// ggml's f16 dot product (`ggml_vec_dot_f16`: f16 inputs, f32 accumulation), the kernel
 /// llama.cpp uses for q·k and p·v in attention.
 #[derive(Clone, Copy)]

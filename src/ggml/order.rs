@@ -204,6 +204,18 @@ pub fn softmax_values(
     acc: &mut [f16],
     out: &mut [f32],
 ) {
+    softmax_values_in(native_f16(), scores, scale, values, acc, out)
+}
+
+/// [`softmax_values`] with ggml's f16 vector ops in native f16 (`native`) or through f32.
+fn softmax_values_in(
+    native: bool,
+    scores: &[f32],
+    scale: f32,
+    values: &[f16],
+    acc: &mut [f16],
+    out: &mut [f32],
+) {
     let hd = acc.len();
     acc.fill(f16::ZERO);
     let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
@@ -215,17 +227,80 @@ pub fn softmax_values(
             let old = m;
             m = s;
             ms = (old - m).exp();
-            vec_scale_f16(acc, ms);
+            vec_scale_f16_in(native, acc, ms);
         } else {
             vs = (s - m).exp();
         }
-        vec_mad_f16(acc, v, vs);
+        vec_mad_f16_in(native, acc, v, vs);
         sum = softmax_sum(sum, ms, vs);
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     for (o, a) in out.iter_mut().zip(acc.iter()) {
         *o = a.to_f32() * inv;
     }
+}
+
+/// `x` rounded to f16 once (to nearest, ties to even): through f32 rounded to odd, which keeps
+/// enough bits (24 > 11 + 1) for the second rounding to be exact; a plain f64 → f32 → f16
+/// conversion would round twice.
+fn f16_rounded_once(x: f64) -> f16 {
+    let t = x as f32;
+    if f64::from(t) == x || !t.is_finite() {
+        return f16::from_f32(t);
+    }
+    // Toward zero, then the sticky bit in the last place.
+    let mut bits = t.to_bits();
+    if f64::from(t).abs() > x.abs() {
+        bits -= 1;
+    }
+    f16::from_f32(f32::from_bits(bits | 1))
+}
+
+/// Elements per step of ggml's native-f16 loops (`GGML_F16_STEP` under `__AVX512FP16__`).
+const NATIVE_F16_STEP: usize = 128;
+
+/// Whether the linked ggml computes its f16 vector ops (`ggml_vec_mad_f16`,
+/// `ggml_vec_scale_f16`, inline in vec.h and so not callable) in native f16, as a build with
+/// AVX512-FP16 does (`GGML_NATIVE` on CPUs that have it). Decided once by running ggml's own
+/// flash attention ([`super::flash_attn_one`]) on pseudo-random 128-wide heads and keeping the
+/// variant of [`softmax_values`] that reproduces it.
+pub fn native_f16() -> bool {
+    static NATIVE: OnceLock<bool> = OnceLock::new();
+    *NATIVE.get_or_init(|| {
+        let f16dot = F16Dot::get();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let hd = NATIVE_F16_STEP;
+        let (mut f32_ok, mut native_ok) = (true, true);
+        for n_kv in [2, 3, 5, 8, 13] {
+            let q: Vec<f32> = (0..hd).map(|_| rand()).collect();
+            let k: Vec<f16> = (0..hd * n_kv).map(|_| f16::from_f32(rand())).collect();
+            let v: Vec<f16> = (0..hd * n_kv)
+                .map(|_| f16::from_f32(rand() * 4.0))
+                .collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let Some(theirs) = super::flash_attn_one(&q, &k, &v, scale) else {
+                return false;
+            };
+            let mut q16 = vec![f16::ZERO; hd];
+            super::f32_to_f16(&q, &mut q16);
+            let scores: Vec<f32> = k.chunks_exact(hd).map(|kk| f16dot.dot(kk, &q16)).collect();
+            let (mut acc, mut ours) = (vec![f16::ZERO; hd], vec![0f32; hd]);
+            for (native, ok) in [(false, &mut f32_ok), (true, &mut native_ok)] {
+                softmax_values_in(native, &scores, scale, &v, &mut acc, &mut ours);
+                *ok &= ours
+                    .iter()
+                    .zip(&theirs)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+            }
+        }
+        native_ok && !f32_ok
+    })
 }
 
 /// `S·ms + vs`, the running softmax sum of `ggml_compute_forward_flash_attn_ext_f16_one_chunk`,
@@ -247,10 +322,28 @@ fn softmax_sum(s: f32, ms: f32, vs: f32) -> f32 {
 /// (inline in the header, so not exported). ggml's SIMD and its scalar tail (which GCC contracts
 /// into an FMA) round identically, so the vector width here does not change the bits: 8 F16C
 /// lanes (16-lane AVX-512 measured no faster for head-sized rows), then scalar.
+///
+/// A ggml built with AVX512-FP16 (`simd-mappings.h`: `GGML_F16_VEC` = `__m512h`) computes the
+/// first `n & !127` elements in native f16 instead: `v` rounded to f16, then one f16 FMA per
+/// element ([`native_f16`]); the tail as above.
 pub fn vec_mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+    vec_mad_f16_in(native_f16(), y, x, v)
+}
+
+fn vec_mad_f16_in(native: bool, y: &mut [f16], x: &[f16], v: f32) {
     assert_eq!(y.len(), x.len());
     let n = y.len();
     let mut i = 0;
+    if native {
+        let np = n & !(NATIVE_F16_STEP - 1);
+        let v16 = f64::from(f16::from_f32(v));
+        for (a, &b) in y[..np].iter_mut().zip(&x[..np]) {
+            // The f16·f16 product is exact in f64 and the sum rounds once more only below
+            // f16's precision: one rounding to f16, as `_mm512_fmadd_ph`.
+            *a = f16_rounded_once(f64::from(b).mul_add(v16, f64::from(*a)));
+        }
+        i = np;
+    }
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "f16c",
@@ -280,9 +373,25 @@ pub fn vec_mad_f16(y: &mut [f16], x: &[f16], v: f32) {
 }
 
 /// `y = f16(y·v)` element-wise. Mirrors `vec.h: ggml_vec_scale_f16` (inline in the header).
+///
+/// With AVX512-FP16 ([`native_f16`]), the first `n & !127` elements are multiplied in f16:
+/// `v` rounded to f16, the exact product rounded once.
 pub fn vec_scale_f16(y: &mut [f16], v: f32) {
+    vec_scale_f16_in(native_f16(), y, v)
+}
+
+fn vec_scale_f16_in(native: bool, y: &mut [f16], v: f32) {
     let n = y.len();
     let mut i = 0;
+    if native {
+        let np = n & !(NATIVE_F16_STEP - 1);
+        let v16 = f16::from_f32(v).to_f32();
+        for a in &mut y[..np] {
+            // f16·f16 is exact in f32.
+            *a = f16::from_f32(a.to_f32() * v16);
+        }
+        i = np;
+    }
     #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
     {
         use std::arch::x86_64::*;
@@ -306,6 +415,49 @@ pub fn vec_scale_f16(y: &mut [f16], v: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Our flash-attention row against ggml's `ggml_flash_attn_ext` (one query, one head), for
+    /// head sizes with and without a native-f16 part and values down to f16 subnormals.
+    #[test]
+    fn softmax_values_reproduce_ggml_flash_attention() {
+        let f16dot = F16Dot::get();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut cases = 0;
+        for hd in [64, 128, 80, 256] {
+            for (qs, ks, vs) in [(1.0, 1.0, 1.0), (30.0, 30.0, 300.0), (3.0, 3.0, 0.01)] {
+                for n_kv in [1, 2, 3, 14, 33, 77] {
+                    let q: Vec<f32> = (0..hd).map(|_| rand() * qs).collect();
+                    let k: Vec<f16> = (0..hd * n_kv).map(|_| f16::from_f32(rand() * ks)).collect();
+                    let v: Vec<f16> = (0..hd * n_kv).map(|_| f16::from_f32(rand() * vs)).collect();
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    let theirs = crate::ggml::flash_attn_one(&q, &k, &v, scale).expect("ggml");
+                    let mut q16 = vec![f16::ZERO; hd];
+                    crate::ggml::f32_to_f16(&q, &mut q16);
+                    let scores: Vec<f32> =
+                        k.chunks_exact(hd).map(|kk| f16dot.dot(kk, &q16)).collect();
+                    let (mut acc, mut ours) = (vec![f16::ZERO; hd], vec![0f32; hd]);
+                    softmax_values(&scores, scale, &v, &mut acc, &mut ours);
+                    let same = ours
+                        .iter()
+                        .zip(&theirs)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "head {hd}, {n_kv} keys, scales {qs}/{ks}/{vs} (native f16: {})",
+                        native_f16()
+                    );
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 72);
+    }
 
     #[test]
     fn blocked_scores_reproduce_ggml_f16_dot() {

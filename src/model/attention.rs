@@ -86,10 +86,13 @@ impl Llama<'_> {
         let items = nh * b;
         let cost = |i: usize| positions[i % b] + 1 + hd;
         let total: usize = (0..items).map(cost).sum();
+        // Below about 10 µs of work a parallel region costs more than it saves.
+        const MIN_PARALLEL_COST: usize = 4096;
         let splits = scratch
             .len()
             .min(rayon::current_num_threads().max(1))
             .min(items)
+            .min(total / MIN_PARALLEL_COST + 1)
             .max(1);
         let mut bounds = [0usize; MAX_SPLITS + 1];
         let (mut acc, mut t) = (0usize, 1usize);
