@@ -17,7 +17,6 @@ use ffnskip::session::{Session, SessionConfig};
 
 use common::LONG;
 
-
 /// Top-2 margin (logits) below which llama.cpp's default choice depends on its batch shape.
 const TIE: f32 = 1.0;
 

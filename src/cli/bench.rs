@@ -25,6 +25,8 @@ pub struct BenchArgs {
     /// Worker threads, the same for llama.cpp (default: all cores).
     #[arg(short = 't', long = "threads", value_parser = super::parse_threads)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub load: super::LoadArgs,
     /// Prefill length in tokens.
     #[arg(long = "prompt-tokens", default_value_t = 512)]
     pub prompt_tokens: usize,
@@ -97,6 +99,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             ..SkipOptions::none()
         },
         profile: a.profile.clone(),
+        load: a.load.options(),
     };
     let mut rows = Vec::new();
     for m in &models {

@@ -88,7 +88,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         None => (DEFAULT_TEXT.to_string(), DEFAULT_TEXT_NAME.to_string()),
     };
     let (file, _) = open_gguf(&path)?;
-    let model = Llama::load(&file)?;
+    let model = Llama::load_with(&file, a.model.load.options())?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     // Tokenize a prefix generous enough for `tokens` (≈ 4 characters per token).
     let mut end = text.len().min(a.tokens.saturating_mul(8).max(4096));

@@ -65,7 +65,7 @@ impl GenerateSink for ChatSink<'_> {
 pub fn run(a: ChatArgs) -> anyhow::Result<()> {
     let path = model_path(&a.model.model)?;
     let (file, _) = open_gguf(&path)?;
-    let model = Llama::load(&file)?;
+    let model = Llama::load_with(&file, a.model.load.options())?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let template = template_of(&file, &tokenizer)?;
     let config = SessionConfig::new(a.model.ctx(model.config.n_ctx_train), a.model.threads());

@@ -42,6 +42,8 @@ pub struct EvalArgs {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long = "threads", value_parser = super::parse_threads)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub load: super::LoadArgs,
     /// Calibration profile for adaptive/shortgpt (default: the one embedded in the model).
     #[arg(long = "skip-profile")]
     pub profile: Option<PathBuf>,
@@ -121,7 +123,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let path = model_path(&a.model)?;
     let (file, _) = open_gguf(&path)?;
-    let model = Llama::load(&file)?;
+    let model = Llama::load_with(&file, a.load.options())?;
     let stem = path
         .file_stem()
         .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());

@@ -79,7 +79,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let sampler_config = a.sampling.config()?;
     let path = model_path(&a.model.model)?;
     let (file, start) = open_gguf(&path)?;
-    let model = Llama::load(&file)?;
+    let model = Llama::load_with(&file, a.model.load.options())?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let prompt = match &a.system {
         Some(system) => {

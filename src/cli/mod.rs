@@ -79,6 +79,26 @@ pub struct ModelArgs {
     /// Context size in tokens (default: min(4096, the model's training context)).
     #[arg(short = 'c', long = "ctx", value_parser = parse_ctx)]
     pub ctx: Option<usize>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// `--no-repack`, as llama.cpp's.
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub struct LoadArgs {
+    /// Run every weight from the file's own layout: no Q4_K copy repacked for ggml's GEMV
+    /// kernels (the default repacks as llama.cpp does; the copy replaces the mapped pages, so
+    /// memory stays about the same, and decode is faster).
+    #[arg(long = "no-repack")]
+    pub no_repack: bool,
+}
+
+impl LoadArgs {
+    pub fn options(&self) -> crate::model::LoadOptions {
+        crate::model::LoadOptions {
+            repack: !self.no_repack,
+        }
+    }
 }
 
 impl ModelArgs {

@@ -65,6 +65,8 @@ pub struct BenchConfig {
     pub base: SkipOptions,
     /// Profile for policies that use one (else the one embedded in each model, if any).
     pub profile: Option<PathBuf>,
+    /// How ffnskip loads the weights (llama.cpp always repacks, its default).
+    pub load: crate::model::LoadOptions,
 }
 
 /// Median, min and max of samples.
@@ -206,7 +208,7 @@ pub fn bench_model(
     progress: &mut dyn FnMut(&str),
 ) -> anyhow::Result<Vec<BenchRow>> {
     let file = GgufFile::open(path)?;
-    let model = Llama::load(&file)?;
+    let model = Llama::load_with(&file, cfg.load)?;
     let peer = LlamaCpp::load(path)?;
     let n_ctx = (cfg.prompt_tokens + cfg.gen_tokens + 32).max(256);
     let mut peer_ctx = peer.context(n_ctx as u32, cfg.threads, PeerMode::Default)?;
