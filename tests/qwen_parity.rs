@@ -5,12 +5,13 @@
 //! `ggml_gemv_q4_K_8x8_q8_K` on it; every other type runs ggml's row-by-row `vec_dot`.
 //! - Against llama.cpp evaluating one token per ubatch ([`PeerMode::Reference`] with
 //!   `ubatch: 1`, the configuration in which it runs only those kernels), logits are identical
-//!   to the bit at every prompt position and over 64 greedy steps.
+//!   to the bit at every prompt position (three prompts, one of ~300 tokens) and over 64 greedy
+//!   steps after each short prompt.
 //! - Against llama.cpp's defaults (512-row ubatches: its Q4_K GEMM, tinyBLAS for Q8_0/Q5_0,
 //!   tiled flash attention), the largest |Δlogit| is bounded by llama.cpp's own
 //!   batched-vs-token-by-token difference, measured in the same run, and top-1 differs only
 //!   where llama.cpp's batched logits are a near-tie (llama.cpp's own batched and token-by-token
-//!   top-1 differ at as many positions).
+//!   top-1 differ at about as many positions).
 //! - ffnskip's batched prefill equals its token-by-token decode, bit for bit.
 
 mod common;
@@ -40,8 +41,8 @@ fn bits_equal(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
-/// Every prompt position and 64 greedy steps, identical to the bit to llama.cpp run one token
-/// per ubatch.
+/// Every prompt position, and 64 greedy steps after each short prompt, identical to the bit to
+/// llama.cpp run one token per ubatch.
 fn identical_to_llama_cpp_token_by_token(name: &str) {
     let (path, file) = load(name);
     let model = Llama::load(&file).expect("load");
@@ -70,6 +71,10 @@ fn identical_to_llama_cpp_token_by_token(name: &str) {
             );
         }
         positions += ids.len();
+        if prompt == LONG {
+            // 64 greedy steps after the two short prompts are enough; CI time is bounded.
+            continue;
+        }
         pc.clear();
         s.reset();
         let mut theirs = pc.eval(&ids, false).expect("eval").remove(0);
@@ -94,7 +99,7 @@ fn identical_to_llama_cpp_token_by_token(name: &str) {
         );
     }
     eprintln!(
-        "{name}: {positions} prompt positions and 192 greedy steps, logits identical to the bit"
+        "{name}: {positions} prompt positions and 128 greedy steps, logits identical to the bit"
     );
 }
 
@@ -155,7 +160,7 @@ fn batched_equals_sequential(name: &str) {
     let model = Llama::load(&file).expect("load");
     let n_vocab = model.config.n_vocab;
     let peer = LlamaCpp::load_vocab(&path).expect("vocab");
-    let ids = peer.tokenize(&format!("{CODE}{LONG}"), true, true);
+    let ids = peer.tokenize(LONG, true, true);
     let config = SessionConfig {
         n_ctx: 1024,
         threads: 2,

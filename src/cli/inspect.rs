@@ -12,7 +12,8 @@ use crate::model::LlamaConfig;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// GGUF file (default: the default model).
+    /// GGUF file, or a catalogue name fetched on first use (`ffnskip models`; default: the
+    /// default model).
     pub file: Option<PathBuf>,
     /// Also list every metadata key.
     #[arg(long)]
@@ -125,6 +126,25 @@ pub fn report(f: &GgufFile, all_metadata: bool) -> String {
         crate::ggml::cpu_features().join(" ")
     );
     let _ = writeln!(s, "build        {}", rust_target_features());
+    // What `Weights::repack` repacks: product matrices (not the embedding) of types ggml
+    // repacks on this CPU.
+    let (mut n_packed, mut packed_bytes) = (0usize, 0u64);
+    for t in f.tensors() {
+        let product = t.name == "output.weight"
+            || (t.name.starts_with("blk.") && t.name.ends_with(".weight") && t.shape.len() == 2);
+        let rows = t.shape.get(1).copied().unwrap_or(0) as usize;
+        if product && crate::ggml::repack::repacks(t.ty, rows) {
+            n_packed += 1;
+            packed_bytes += t.n_bytes;
+        }
+    }
+    if n_packed > 0 {
+        let _ = writeln!(
+            s,
+            "repack       {n_packed} tensors ({}) repacked at load for ggml's GEMV kernels, as llama.cpp does (--no-repack: off)",
+            mb(packed_bytes)
+        );
+    }
 
     let mut by_type: BTreeMap<GgmlType, (usize, u64)> = BTreeMap::new();
     for t in f.tensors() {

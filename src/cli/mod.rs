@@ -27,7 +27,7 @@ use crate::skip::{Policy, SkipController, SkipOptions};
 #[command(
     name = "ffnskip",
     version,
-    about = "CPU runtime for quantized LLaMA GGUF models with FFN-SkipLLM"
+    about = "CPU runtime for quantized LLaMA and Qwen2 GGUF models with FFN-SkipLLM"
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -9,7 +9,8 @@ use crate::tokenizer::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
-    /// GGUF model file (default: the default model).
+    /// GGUF model file, or a catalogue name fetched on first use (`ffnskip models`; default:
+    /// the default model).
     #[arg(short = 'm', long = "model")]
     pub model: Option<PathBuf>,
     /// Text to tokenize.
