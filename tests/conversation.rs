@@ -88,3 +88,38 @@ fn a_full_context_drops_the_oldest_turns_and_chat_goes_on() {
     );
     assert_eq!(chat.turns(), &before[..]);
 }
+
+/// The Qwen2.5 files' own Jinja chat template (ChatML with Qwen's default system prompt).
+#[test]
+fn qwen_chat_template_renders_chatml() {
+    let path = common::catalogue_model("qwen2.5-coder-0.5b");
+    let file = GgufFile::open(&path).expect("open");
+    let tok = Tokenizer::from_gguf(&file).expect("tokenizer");
+    let t = template_of(&file, &tok).expect("template");
+    let user = Message::new("user", "Reverse a string in Python.");
+    assert_eq!(
+        t.render(&[Message::new("system", "Be brief."), user.clone()], true)
+            .expect("render"),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nReverse a string in Python.<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // No system message: the template supplies Qwen's own.
+    assert_eq!(
+        t.render(
+            &[
+                user.clone(),
+                Message::new("assistant", "s[::-1]"),
+                Message::new("user", "Thanks")
+            ],
+            true
+        )
+        .expect("render"),
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+         <|im_start|>user\nReverse a string in Python.<|im_end|>\n\
+         <|im_start|>assistant\ns[::-1]<|im_end|>\n\
+         <|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // `<|im_end|>` ends an answer: it is an end-of-generation token.
+    let im_end = tok.encode("<|im_end|>", false, true);
+    assert_eq!(im_end.len(), 1);
+    assert!(tok.is_eog(im_end[0]));
+}
