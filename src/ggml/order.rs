@@ -256,6 +256,64 @@ fn f16_rounded_once(x: f64) -> f16 {
     f16::from_f32(f32::from_bits(bits | 1))
 }
 
+/// `y = f16(y + x·v)` with one rounding, as AVX512-FP16's `_mm512_fmadd_ph`: the f16·f16
+/// product is exact in f32; the f32 sum and its exact error (TwoSum) give the sum rounded to
+/// odd, from which the conversion to f16 rounds correctly (24 bits ≥ 2·11 + 2).
+fn native_mad_f16(y: &mut [f16], x: &[f16], v: f16) {
+    assert_eq!(y.len(), x.len());
+    let n = y.len();
+    let mut i = 0;
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "f16c",
+        target_feature = "avx2"
+    ))]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: the features these need are enabled at compile time (the cfg above); every
+        // load and store below covers y[i..i + 8] or x[i..i + 8] with i + 8 ≤ n.
+        unsafe {
+            let vv = _mm256_set1_ps(v.to_f32());
+            let zero = _mm256_setzero_ps();
+            let one = _mm256_set1_epi32(1);
+            let sign = _mm256_set1_epi32(i32::MIN);
+            while i + 8 <= n {
+                let py = y.as_mut_ptr().add(i).cast::<__m128i>();
+                let px = x.as_ptr().add(i).cast::<__m128i>();
+                let ay = _mm256_cvtph_ps(_mm_loadu_si128(py));
+                let p = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(px)), vv);
+                let s = _mm256_add_ps(p, ay);
+                // TwoSum: err = (p + ay) − s exactly.
+                let bb = _mm256_sub_ps(s, p);
+                let err = _mm256_add_ps(
+                    _mm256_sub_ps(p, _mm256_sub_ps(s, bb)),
+                    _mm256_sub_ps(ay, bb),
+                );
+                let (sb, eb) = (_mm256_castps_si256(s), _mm256_castps_si256(err));
+                // Inexact and even: step one ulp toward the exact sum (odd), or to the
+                // smallest subnormal of err's sign from zero.
+                let inexact = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_NEQ_OQ>(err, zero));
+                let even = _mm256_cmpeq_epi32(_mm256_and_si256(sb, one), _mm256_setzero_si256());
+                let adjust = _mm256_and_si256(inexact, even);
+                let step = _mm256_or_si256(_mm256_srai_epi32::<31>(_mm256_xor_si256(sb, eb)), one);
+                let stepped = _mm256_add_epi32(sb, step);
+                let from_zero = _mm256_or_si256(_mm256_and_si256(eb, sign), one);
+                let is_zero = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(s, zero));
+                let odd = _mm256_blendv_epi8(stepped, from_zero, is_zero);
+                let r = _mm256_castsi256_ps(_mm256_blendv_epi8(sb, odd, adjust));
+                _mm_storeu_si128(py, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
+                i += 8;
+            }
+        }
+    }
+    let v = f64::from(v);
+    for (a, &b) in y[i..].iter_mut().zip(&x[i..]) {
+        // The f16·f16 product is exact in f64 and the sum rounds once more only below f16's
+        // precision.
+        *a = f16_rounded_once(f64::from(b).mul_add(v, f64::from(*a)));
+    }
+}
+
 /// Elements per step of ggml's native-f16 loops (`GGML_F16_STEP` under `__AVX512FP16__`).
 const NATIVE_F16_STEP: usize = 128;
 
@@ -336,12 +394,7 @@ fn vec_mad_f16_in(native: bool, y: &mut [f16], x: &[f16], v: f32) {
     let mut i = 0;
     if native {
         let np = n & !(NATIVE_F16_STEP - 1);
-        let v16 = f64::from(f16::from_f32(v));
-        for (a, &b) in y[..np].iter_mut().zip(&x[..np]) {
-            // The f16·f16 product is exact in f64 and the sum rounds once more only below
-            // f16's precision: one rounding to f16, as `_mm512_fmadd_ph`.
-            *a = f16_rounded_once(f64::from(b).mul_add(v16, f64::from(*a)));
-        }
+        native_mad_f16(&mut y[..np], &x[..np], f16::from_f32(v));
         i = np;
     }
     #[cfg(all(
@@ -386,8 +439,24 @@ fn vec_scale_f16_in(native: bool, y: &mut [f16], v: f32) {
     if native {
         let np = n & !(NATIVE_F16_STEP - 1);
         let v16 = f16::from_f32(v).to_f32();
-        for a in &mut y[..np] {
-            // f16·f16 is exact in f32.
+        let mut j = 0;
+        #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
+        {
+            use std::arch::x86_64::*;
+            // SAFETY: the feature this needs is enabled at compile time (the cfg above).
+            let vv = unsafe { _mm256_set1_ps(v16) };
+            while j + 8 <= np {
+                // SAFETY: j + 8 ≤ np ≤ y.len(): the 16-byte load/store stays inside `y`.
+                unsafe {
+                    let py = y.as_mut_ptr().add(j).cast::<__m128i>();
+                    // f16·f16 is exact in f32, so the conversion is the only rounding.
+                    let r = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(py)), vv);
+                    _mm_storeu_si128(py, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r));
+                }
+                j += 8;
+            }
+        }
+        for a in &mut y[j..np] {
             *a = f16::from_f32(a.to_f32() * v16);
         }
         i = np;
