@@ -37,54 +37,15 @@ fn logits_and_greedy_text_are_identical_to_llama_cpp() {
     let peer = LlamaCpp::load(&path).expect("llama.cpp loads the default model");
     let file = GgufFile::open(&path).expect("open");
     let model = Llama::load(&file).expect("load");
-    let n_vocab = model.config.n_vocab;
     let mut positions = 0;
     for prompt in prompts() {
-        let ids = peer.tokenize(prompt, true, true);
-        if prompt == LONG {
-            assert!(ids.len() >= 280, "long prompt has {} tokens", ids.len());
-        }
-        let mut pc = peer
-            .context(1024, 2, PeerMode::Reference { ubatch: 32 })
-            .expect("context");
-        let theirs = pc.eval(&ids, true).expect("eval");
-        let mut s = Session::new(&model, SessionConfig::new(1024, 2)).expect("session");
-        let ours = s.eval_all(&ids, true).expect("forward");
-        for (i, t) in theirs.iter().enumerate() {
-            let o = &ours[i * n_vocab..(i + 1) * n_vocab];
-            assert!(
-                o.iter().zip(t).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "logits differ at position {i} of {prompt:?}: max |Δ| {}, top-1 ours {} llama.cpp {}",
-                common::max_abs_diff(o, t),
-                argmax(o),
-                argmax(t)
-            );
-        }
-        positions += ids.len();
-        // Greedy decoding, 64 steps, each engine fed its own choice.
-        pc.clear();
-        s.reset();
-        let mut theirs = pc.eval(&ids, false).expect("eval").remove(0);
-        let mut ours = s.prefill(&ids).expect("prefill").to_vec();
-        let mut text = Vec::new();
-        for step in 0..64 {
-            let (a, b) = (argmax(&ours), argmax(&theirs));
-            assert_eq!(a, b, "greedy step {step} of {prompt:?}");
-            assert!(
-                ours.iter()
-                    .zip(&theirs)
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "greedy step {step} of {prompt:?}: logits differ by {}",
-                common::max_abs_diff(&ours, &theirs)
-            );
-            text.push(a);
-            theirs = pc.eval(&[a], false).expect("eval").remove(0);
-            ours = s.decode(a).expect("decode").to_vec();
-        }
-        eprintln!(
-            "{:?}… → {:?}: 64 greedy tokens identical",
-            &prompt[..prompt.len().min(24)],
-            String::from_utf8_lossy(&peer.detokenize(&text[..16])),
+        positions += common::parity::prompt_and_greedy_identical(
+            "default model",
+            &model,
+            &peer,
+            PeerMode::Reference { ubatch: 32 },
+            prompt,
+            64,
         );
     }
     eprintln!(

@@ -47,56 +47,13 @@ fn identical_to_llama_cpp_token_by_token(name: &str) {
     let (path, file) = load(name);
     let model = Llama::load(&file).expect("load");
     let peer = LlamaCpp::load(&path).expect("llama.cpp loads the model");
-    let n_vocab = model.config.n_vocab;
+    let mode = PeerMode::Reference { ubatch: 1 };
     let mut positions = 0;
     for prompt in prompts() {
-        let ids = peer.tokenize(prompt, true, true);
-        if prompt == LONG {
-            assert!(ids.len() >= 280, "long prompt has {} tokens", ids.len());
-        }
-        let mut pc = peer
-            .context(1024, 2, PeerMode::Reference { ubatch: 1 })
-            .expect("context");
-        let theirs = pc.eval(&ids, true).expect("eval");
-        let mut s = Session::new(&model, SessionConfig::new(1024, 2)).expect("session");
-        let ours = s.eval_all(&ids, true).expect("forward");
-        for (i, t) in theirs.iter().enumerate() {
-            let o = &ours[i * n_vocab..(i + 1) * n_vocab];
-            assert!(
-                bits_equal(o, t),
-                "{name}: logits differ at position {i} of {prompt:?}: max |Δ| {}, top-1 ours {} llama.cpp {}",
-                common::max_abs_diff(o, t),
-                argmax(o),
-                argmax(t)
-            );
-        }
-        positions += ids.len();
-        if prompt == LONG {
-            // 64 greedy steps after the two short prompts are enough; CI time is bounded.
-            continue;
-        }
-        pc.clear();
-        s.reset();
-        let mut theirs = pc.eval(&ids, false).expect("eval").remove(0);
-        let mut ours = s.prefill(&ids).expect("prefill").to_vec();
-        let mut text = Vec::new();
-        for step in 0..64 {
-            let (a, b) = (argmax(&ours), argmax(&theirs));
-            assert_eq!(a, b, "{name}: greedy step {step} of {prompt:?}");
-            assert!(
-                bits_equal(&ours, &theirs),
-                "{name}: greedy step {step} of {prompt:?}: logits differ by {}",
-                common::max_abs_diff(&ours, &theirs)
-            );
-            text.push(a);
-            theirs = pc.eval(&[a], false).expect("eval").remove(0);
-            ours = s.decode(a).expect("decode").to_vec();
-        }
-        eprintln!(
-            "{name}: {:?}… → {:?}: 64 greedy tokens identical",
-            &prompt[..prompt.len().min(24)],
-            String::from_utf8_lossy(&peer.detokenize(&text[..24])),
-        );
+        // 64 greedy steps after the two short prompts are enough; CI time is bounded.
+        let greedy = if prompt == LONG { 0 } else { 64 };
+        positions +=
+            common::parity::prompt_and_greedy_identical(name, &model, &peer, mode, prompt, greedy);
     }
     eprintln!(
         "{name}: {positions} prompt positions and 128 greedy steps, logits identical to the bit"

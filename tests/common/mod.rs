@@ -1,6 +1,7 @@
 //! Shared test helpers: the default model (fetched like the CLI does) and `../shared`.
 #![allow(dead_code)]
 
+pub mod parity;
 pub mod tiny;
 
 use std::path::PathBuf;

@@ -1,0 +1,67 @@
+//! Logits against llama.cpp, identical to the bit: every prompt position (ffnskip batched,
+//! llama.cpp in the given mode), then greedy steps with each engine fed its own choice.
+
+use ffnskip::model::Llama;
+use ffnskip::peer::{argmax, LlamaCpp, PeerMode};
+use ffnskip::session::{Session, SessionConfig};
+
+fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Checks `prompt` (and `greedy` steps after it) and returns the number of prompt positions.
+/// `tag` names the model in failure messages.
+pub fn prompt_and_greedy_identical(
+    tag: &str,
+    model: &Llama,
+    peer: &LlamaCpp,
+    mode: PeerMode,
+    prompt: &str,
+    greedy: usize,
+) -> usize {
+    let n_vocab = model.config.n_vocab;
+    let ids = peer.tokenize(prompt, true, true);
+    if prompt == super::LONG {
+        assert!(ids.len() >= 280, "long prompt has {} tokens", ids.len());
+    }
+    let mut pc = peer.context(1024, 2, mode).expect("context");
+    let theirs = pc.eval(&ids, true).expect("eval");
+    let mut s = Session::new(model, SessionConfig::new(1024, 2)).expect("session");
+    let ours = s.eval_all(&ids, true).expect("forward");
+    for (i, t) in theirs.iter().enumerate() {
+        let o = &ours[i * n_vocab..(i + 1) * n_vocab];
+        assert!(
+            bits_equal(o, t),
+            "{tag}: logits differ at position {i} of {prompt:?}: max |Δ| {}, top-1 ours {} llama.cpp {}",
+            super::max_abs_diff(o, t),
+            argmax(o),
+            argmax(t)
+        );
+    }
+    if greedy == 0 {
+        return ids.len();
+    }
+    pc.clear();
+    s.reset();
+    let mut theirs = pc.eval(&ids, false).expect("eval").remove(0);
+    let mut ours = s.prefill(&ids).expect("prefill").to_vec();
+    let mut text = Vec::new();
+    for step in 0..greedy {
+        let (a, b) = (argmax(&ours), argmax(&theirs));
+        assert_eq!(a, b, "{tag}: greedy step {step} of {prompt:?}");
+        assert!(
+            bits_equal(&ours, &theirs),
+            "{tag}: greedy step {step} of {prompt:?}: logits differ by {}",
+            super::max_abs_diff(&ours, &theirs)
+        );
+        text.push(a);
+        theirs = pc.eval(&[a], false).expect("eval").remove(0);
+        ours = s.decode(a).expect("decode").to_vec();
+    }
+    eprintln!(
+        "{tag}: {:?}… → {:?}: {greedy} greedy tokens identical",
+        &prompt[..prompt.len().min(24)],
+        String::from_utf8_lossy(&peer.detokenize(&text[..text.len().min(24)])),
+    );
+    ids.len()
+}
