@@ -39,9 +39,7 @@ fn main() -> anyhow::Result<()> {
     let n_prompt = env("FFNSKIP_BENCH_PROMPT", 512);
     let depth = env("FFNSKIP_BENCH_DEPTH", 16).max(1);
     let n_ctx = (n_prompt.max(depth) + n_gen + 16).max(1024);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
+    let pool = ffnskip::team::Team::new(threads)?;
 
     let file = GgufFile::open(&path)?;
     let model = Llama::load(&file)?;

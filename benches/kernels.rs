@@ -20,10 +20,7 @@ fn threads() -> usize {
 }
 
 fn matvec(c: &mut Criterion) {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads())
-        .build()
-        .expect("thread pool");
+    let pool = ffnskip::team::Team::new(threads()).expect("thread pool");
     let n = 2048;
     // Deterministic weights in [-1, 1).
     let mut state = 0x2545_f491_4f6c_dd1du64;

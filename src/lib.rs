@@ -26,5 +26,6 @@ pub mod sampling;
 pub mod session;
 pub mod skip;
 pub mod skip_setup;
+pub mod team;
 pub mod tensor;
 pub mod tokenizer;

@@ -1,4 +1,4 @@
-//! A running conversation with a model: KV cache, scratch, thread pool and skip controller;
+//! A running conversation with a model: KV cache, scratch, thread team and skip controller;
 //! prefill in batches, decode one token at a time, stream text, keep the cache across turns.
 
 use std::ops::ControlFlow;
@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::model::{Batch, ForwardError, KvCache, Llama, Logits, Scratch};
 use crate::sampling::Sampler;
 use crate::skip::{Controller, NoSkip};
+use crate::team::Team;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Clone, Copy, Debug)]
@@ -59,7 +60,7 @@ fn rate(n: usize, t: Duration) -> f64 {
 
 pub struct Session<'m, H: Controller = NoSkip> {
     pub model: &'m Llama<'m>,
-    pool: rayon::ThreadPool,
+    team: Team,
     cache: KvCache,
     scratch: Scratch,
     pub controller: H,
@@ -81,15 +82,12 @@ impl<'m, H: Controller> Session<'m, H> {
         controller: H,
     ) -> anyhow::Result<Self> {
         check_memory(model, &config)?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(config.threads.max(1))
-            .thread_name(|i| format!("ffnskip-{i}"))
-            .build()?;
+        let team = Team::new(config.threads.max(1))?;
         let n_ctx = config.n_ctx.max(1);
-        let scratch = pool.install(|| Scratch::new(model, config.batch, n_ctx));
+        let scratch = team.install(|| Scratch::new(model, config.batch, n_ctx));
         Ok(Session {
             model,
-            pool,
+            team,
             cache: model.new_cache(n_ctx),
             scratch,
             controller,
@@ -140,7 +138,7 @@ impl<'m, H: Controller> Session<'m, H> {
             &mut self.scratch,
             &mut self.controller,
         );
-        self.pool.install(|| {
+        self.team.install(|| {
             model
                 .forward(
                     cache,
@@ -209,7 +207,7 @@ impl<'m, H: Controller> Session<'m, H> {
                 &mut self.scratch,
                 &mut self.controller,
             );
-            let logits = self.pool.install(|| {
+            let logits = self.team.install(|| {
                 model
                     .forward(
                         cache,

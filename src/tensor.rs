@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 use crate::ggml::repack::Packed;
 use crate::ggml::{self, Kernels};
@@ -192,14 +192,14 @@ pub fn quantize_rows(k: &Kernels, x: &[f32], n: usize, out: &mut [u8]) {
 /// gate/up). Each matrix comes with the input quantized to its `vec_dot_type`
 /// (`[batch, act_row_bytes]`; matrices of the same type share one buffer). `out` is
 /// `[Σ n_out, batch]`: the matrices' outputs one after another. Rows are split across the
-/// rayon pool's threads in contiguous ranges of equal weight bytes.
+/// current team's threads in contiguous ranges of equal weight bytes.
 pub fn matmul_group(mats: &[(&Matrix, &[u8])], batch: usize, out: &mut [f32]) {
     let total_rows: usize = mats.iter().map(|(m, _)| m.n_out).sum();
     assert_eq!(out.len(), total_rows * batch);
     let total_bytes: usize = mats.iter().map(|(m, _)| m.n_bytes()).sum();
     // Chunks of equal weight bytes, a few per thread when the product is large enough, so
-    // rayon's work stealing evens out threads that run slower (other work, mixed types).
-    let threads = rayon::current_num_threads().clamp(1, MAX_SPLITS);
+    // dynamic claiming evens out threads that run slower (other work, mixed types).
+    let threads = crate::team::current_threads().clamp(1, MAX_SPLITS);
     let threads = (threads * CHUNKS_PER_THREAD)
         .min(total_bytes / MIN_CHUNK_BYTES)
         .clamp(threads, MAX_SPLITS);
@@ -250,27 +250,69 @@ const CHUNKS_PER_THREAD: usize = 4;
 const MIN_CHUNK_BYTES: usize = 64 << 10;
 
 /// Runs `f(lo, hi, chunk, scratch)` for consecutive row ranges `[bounds[i], bounds[i+1])` in
-/// parallel (rayon::join, no allocation); `chunk` is that range's part of `out` (`row_len`
-/// floats per row) and `scratch` is `scratch[i]`.
-pub fn par_split<S, F>(out: &mut [f32], scratch: &mut [S], bounds: &[usize], row_len: usize, f: &F)
+/// parallel on the current [`team`](crate::team) (no allocation); `chunk` is that range's part
+/// of `out` (`row_len` items per row) and `scratch` is `scratch[i]`.
+pub fn par_split<T, S, F>(out: &mut [T], scratch: &mut [S], bounds: &[usize], row_len: usize, f: &F)
 where
+    T: Send,
     S: Send,
-    F: Fn(usize, usize, &mut [f32], &mut S) + Sync,
+    F: Fn(usize, usize, &mut [T], &mut S) + Sync,
 {
     debug_assert_eq!(scratch.len() + 1, bounds.len());
-    match bounds.len() {
-        0 | 1 => {}
-        2 => f(bounds[0], bounds[1], out, &mut scratch[0]),
-        n => {
-            let mid = n / 2;
-            let (left, right) = out.split_at_mut((bounds[mid] - bounds[0]) * row_len);
-            let (sl, sr) = scratch.split_at_mut(mid);
-            rayon::join(
-                || par_split(left, sl, &bounds[..=mid], row_len, f),
-                || par_split(right, sr, &bounds[mid..], row_len, f),
-            );
+    let n = scratch.len();
+    if n <= 1 {
+        if let Some(s) = scratch.first_mut() {
+            f(bounds[0], bounds[1], out, s);
         }
+        return;
     }
+    assert!(n <= MAX_SPLITS, "{n} splits, at most {MAX_SPLITS}");
+    // Each task takes its own chunk and scratch out of its cell.
+    type Cell<'a, T, S> = Mutex<Option<(&'a mut [T], &'a mut S)>>;
+    let cells: [Cell<T, S>; MAX_SPLITS] = std::array::from_fn(|_| Mutex::new(None));
+    let mut rest = out;
+    for (i, s) in scratch.iter_mut().enumerate() {
+        let (chunk, r) =
+            std::mem::take(&mut rest).split_at_mut((bounds[i + 1] - bounds[i]) * row_len);
+        *cells[i].lock().unwrap_or_else(|e| e.into_inner()) = Some((chunk, s));
+        rest = r;
+    }
+    crate::team::run(n, &|i| {
+        let taken = cells[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((chunk, s)) = taken {
+            f(bounds[i], bounds[i + 1], chunk, s);
+        }
+    });
+}
+
+/// Runs `f(i, row)` for every `row_len`-sized row of `out` (with `row_len` > 0), in up to
+/// [`MAX_SPLITS`] contiguous parts on the current team; single-threaded below `min_rows` rows.
+pub fn par_rows<T, F>(out: &mut [T], row_len: usize, min_rows: usize, f: &F)
+where
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync,
+{
+    let rows = out.len() / row_len;
+    let parts = (crate::team::current_threads() * 2)
+        .min(rows / min_rows.max(1))
+        .clamp(1, MAX_SPLITS);
+    let mut bounds = [0usize; MAX_SPLITS + 1];
+    for (p, b) in bounds.iter_mut().enumerate().take(parts + 1) {
+        *b = rows * p / parts;
+    }
+    let mut units = [(); MAX_SPLITS];
+    let run = |lo: usize, _hi: usize, chunk: &mut [T], _: &mut ()| {
+        for (i, row) in chunk.chunks_exact_mut(row_len).enumerate() {
+            f(lo + i, row);
+        }
+    };
+    par_split(
+        &mut out[..rows * row_len],
+        &mut units[..parts],
+        &bounds[..=parts],
+        row_len,
+        &run,
+    );
 }
 
 /// `dst[b*rows + r] = src[r*batch + b]`: `[rows, batch]` → `[batch, rows]`, in tiles of
@@ -292,15 +334,24 @@ pub fn transpose(src: &[f32], rows: usize, batch: usize, dst: &mut [f32]) {
         }
     };
     let dst = &mut dst[..rows * batch];
-    if rows * batch >= 1 << 15 {
-        dst.par_chunks_mut(TILE * rows)
-            .enumerate()
-            .for_each(|(t, out)| tile(t, out));
+    let tiles = batch.div_ceil(TILE);
+    let parts = if rows * batch >= 1 << 15 {
+        (crate::team::current_threads() * 2).clamp(1, MAX_SPLITS.min(tiles))
     } else {
-        dst.chunks_mut(TILE * rows)
-            .enumerate()
-            .for_each(|(t, out)| tile(t, out));
+        1
+    };
+    // Parts of whole tiles, in batch rows.
+    let mut bounds = [0usize; MAX_SPLITS + 1];
+    for (p, b) in bounds.iter_mut().enumerate().take(parts + 1) {
+        *b = (tiles * p / parts * TILE).min(batch);
     }
+    let mut units = [(); MAX_SPLITS];
+    let run = |lo: usize, _: usize, out: &mut [f32], _: &mut ()| {
+        for (t, out) in out.chunks_mut(TILE * rows).enumerate() {
+            tile(lo / TILE + t, out);
+        }
+    };
+    par_split(dst, &mut units[..parts], &bounds[..=parts], rows, &run);
 }
 
 /// Residual add from a product in `[n, batch]` layout: `x[rows[j]*n + k] += src[k*batch + j]`

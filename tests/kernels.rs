@@ -135,15 +135,12 @@ fn quantized(ty: GgmlType, w: &[f32], n_in: usize) -> Result<(Vec<u8>, Vec<f32>)
     Ok((q, deq))
 }
 
-/// `matmul_group` of one matrix over `x` (`[batch, n_in]`), in a pool of `threads`.
+/// `matmul_group` of one matrix over `x` (`[batch, n_in]`), on a team of `threads`.
 fn product(m: &Matrix, x: &[f32], batch: usize, threads: usize) -> Vec<f32> {
     let mut act = vec![0u8; batch * m.act_row_bytes()];
     quantize_rows(m.kernels(), x, m.n_in, &mut act);
     let mut out = vec![f32::NAN; m.n_out * batch];
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
+    let pool = ffnskip::team::Team::new(threads).unwrap();
     pool.install(|| matmul_group(&[(m, &act)], batch, &mut out));
     out
 }
@@ -318,10 +315,7 @@ fn grouped_matrices_equal_separate_products() {
             };
             let (aa, ab) = (quant(&ma), quant(&mb));
             for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
+                let pool = ffnskip::team::Team::new(threads).unwrap();
                 let mut both = vec![f32::NAN; (na + nb) * batch];
                 pool.install(|| matmul_group(&[(&ma, &aa), (&mb, &ab)], batch, &mut both));
                 let sa = product(&ma, xs, batch, threads);

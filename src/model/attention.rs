@@ -90,7 +90,7 @@ impl Llama<'_> {
         const MIN_PARALLEL_COST: usize = 4096;
         let splits = scratch
             .len()
-            .min(rayon::current_num_threads().max(1))
+            .min(crate::team::current_threads().max(1))
             .min(items)
             .min(total / MIN_PARALLEL_COST + 1)
             .max(1);

@@ -17,8 +17,6 @@
 
 use std::time::{Duration, Instant};
 
-use rayon::prelude::*;
-
 use super::attention::AttnScratch;
 use super::{KvCache, Llama};
 use crate::ggml::order::rms_norm;
@@ -144,7 +142,7 @@ impl Scratch {
             active: Vec::with_capacity(b),
             act_pos: Vec::with_capacity(b),
             rope_cs: vec![0.0; b * c.rope_dim],
-            attn: (0..MAX_SPLITS.min(rayon::current_num_threads().max(1) * 2))
+            attn: (0..MAX_SPLITS.min(crate::team::current_threads().max(1) * 2))
                 .map(|_| AttnScratch::new(c.head_dim, n_ctx))
                 .collect(),
             logits: vec![0.0; c.n_vocab],
@@ -197,9 +195,9 @@ fn quantize_for(
                 let arb = act_row_bytes(vdt, n);
                 let buf = &mut acts[s][..arb * batch];
                 if batch > 4 {
-                    buf.par_chunks_exact_mut(arb)
-                        .zip(x.par_chunks_exact(n))
-                        .for_each(|(o, r)| k.quantize_activation(r, o));
+                    tensor::par_rows(buf, arb, 4, &|i, o| {
+                        k.quantize_activation(&x[i * n..(i + 1) * n], o)
+                    });
                 } else {
                     tensor::quantize_rows(&k, &x[..n * batch], n, buf);
                 }
@@ -476,11 +474,14 @@ impl Llama<'_> {
             let (gate_t, up_t) = s.gate_up[..2 * r * ff].split_at_mut(r * ff);
             tensor::transpose(gate, ff, r, gate_t);
             tensor::transpose(up, ff, r, up_t);
-            s.xn[..r * ff]
-                .par_chunks_mut(ff)
-                .zip(gate_t.par_chunks(ff).zip(up_t.par_chunks(ff)))
-                .with_min_len(4)
-                .for_each(|(y, (g, u))| ggml::swiglu(g, u, y));
+            let (gate_t, up_t) = (&*gate_t, &*up_t);
+            tensor::par_rows(&mut s.xn[..r * ff], ff, 4, &|i, y| {
+                ggml::swiglu(
+                    &gate_t[i * ff..(i + 1) * ff],
+                    &up_t[i * ff..(i + 1) * ff],
+                    y,
+                )
+            });
         }
 
         // ffn_out = ffn_down · swiglu: [n_embd, r]; l_out = ffn_out + ffn_inp.
