@@ -138,7 +138,8 @@ pub fn busy_warnings(rows: &[BenchRow], threads: usize) -> Vec<String> {
         .filter_map(|r| r.load_average_max)
         .reduce(f64::max)
     {
-        if load > threads as f64 {
+        // A quarter of a thread of slack: the average jitters around the benchmark's own threads.
+        if load > threads as f64 + 0.25 {
             w.push(format!(
                 "the load average reached {load:.2} with {threads} benchmark threads: another \
                  process was running, so these figures are unreliable"
