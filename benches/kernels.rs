@@ -10,7 +10,7 @@ use ffnskip::gguf::{GgmlType, GgufFile};
 use ffnskip::model::Llama;
 use ffnskip::session::{Session, SessionConfig};
 use ffnskip::skip::{Controller, NoSkip, Policy, SkipController, SkipOptions, SkipParams};
-use ffnskip::tensor::{act_row_bytes, matmul_group, quantize_rows, Matrix};
+use ffnskip::tensor::{act_row_bytes, matmul_group, quantize_rows, Acts, Matrix};
 
 fn threads() -> usize {
     std::env::var("FFNSKIP_BENCH_THREADS")
@@ -51,7 +51,7 @@ fn matvec(c: &mut Criterion) {
         let mut out = vec![0f32; n];
         g.throughput(Throughput::Bytes(m.n_bytes() as u64));
         g.bench_function(BenchmarkId::from_parameter(ty.name()), |b| {
-            b.iter(|| pool.install(|| matmul_group(&[(&m, &act[..])], 1, &mut out)))
+            b.iter(|| pool.install(|| matmul_group(&[(&m, Acts::rows(&act))], 1, &mut out)))
         });
     }
     g.finish();

@@ -20,6 +20,10 @@ pub struct SessionConfig {
     pub threads: usize,
     /// Prompt rows per forward call.
     pub batch: usize,
+    /// Make every batch give the bits of its rows decoded one at a time (perplexity and KLD
+    /// under skipping compare with decoding). Off, a batch runs ggml's GEMM where llama.cpp
+    /// does, which sums Q4_K products in another order (relative differences ~1e-4).
+    pub exact_batches: bool,
 }
 
 impl SessionConfig {
@@ -28,6 +32,7 @@ impl SessionConfig {
             n_ctx,
             threads,
             batch: 512,
+            exact_batches: false,
         }
     }
 }
@@ -84,7 +89,8 @@ impl<'m, H: Controller> Session<'m, H> {
         check_memory(model, &config)?;
         let team = Team::new(config.threads.max(1))?;
         let n_ctx = config.n_ctx.max(1);
-        let scratch = team.install(|| Scratch::new(model, config.batch, n_ctx));
+        let mut scratch = team.install(|| Scratch::new(model, config.batch, n_ctx));
+        scratch.batch_exact = config.exact_batches;
         Ok(Session {
             model,
             team,

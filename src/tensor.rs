@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use crate::ggml::repack::Packed;
+use crate::ggml::sgemm;
 use crate::ggml::{self, Kernels};
 use crate::gguf::{ErrorKind, GgmlType, GgufFile, Result};
 
@@ -96,6 +97,43 @@ impl<'a> Matrix<'a> {
         self.packed.is_some()
     }
 
+    /// Whether a product over `batch` activation rows runs ggml's GEMM, four rows at a time
+    /// (activations quantized by [`Matrix::quantize_acts`] with `fours`), as llama.cpp does for
+    /// a batch of repacked weights. With `exact`, only where the GEMM gives the GEMV's bits, so
+    /// that a batch equals the same rows decoded one at a time.
+    pub fn uses_gemm(&self, batch: usize, exact: bool) -> bool {
+        batch >= 4
+            && self
+                .packed
+                .as_ref()
+                .is_some_and(|p| !exact || p.gemm_matches_gemv())
+    }
+
+    /// Quantizes `batch` rows of `x` (`[batch, n_in]`) to this matrix's vec_dot_type; with
+    /// `fours`, the first `batch − batch % 4` rows packed four at a time for ggml's GEMM and
+    /// the rest row by row, as llama.cpp's `forward_mul_mat` lays them out (same bytes).
+    pub fn quantize_acts(&self, x: &[f32], batch: usize, fours: bool, out: &mut [u8]) {
+        let (n, arb) = (self.n_in, self.act_row_bytes());
+        let (x, out) = (&x[..n * batch], &mut out[..arb * batch]);
+        let b4 = if fours { batch - batch % 4 } else { 0 };
+        let (head, tail) = out.split_at_mut(b4 * arb);
+        if b4 > 0 {
+            par_rows(head, 4 * arb, 1, &|g, o| {
+                let packed = ggml::repack::quantize4(self.ty, &x[4 * g * n..4 * (g + 1) * n], n, o);
+                assert!(packed, "{} has no 4-row packer", self.ty);
+            });
+        }
+        let k = self.kernels;
+        let x = &x[b4 * n..];
+        if batch - b4 > 4 {
+            par_rows(tail, arb, 4, &|i, o| {
+                k.quantize_activation(&x[i * n..(i + 1) * n], o)
+            });
+        } else {
+            quantize_rows(&k, x, n, tail);
+        }
+    }
+
     /// Product row ranges start and end on multiples of this (a packed matrix's row group).
     pub fn row_align(&self) -> usize {
         self.packed.as_ref().map_or(1, |p| p.group_rows())
@@ -133,51 +171,93 @@ impl<'a> Matrix<'a> {
         act_row_bytes(self.vec_dot_type(), self.n_in)
     }
 
-    /// Single-threaded `out[o*batch + b] = dot(row o, act row b)` for rows `rows`.
-    fn product_rows(
-        &self,
-        rows: std::ops::Range<usize>,
-        act: &[u8],
-        batch: usize,
-        out: &mut [f32],
-    ) {
+    /// Single-threaded `out[o*batch + b] = dot(row o, act row b)` for rows `rows`: through
+    /// ggml's repacked GEMM/GEMV, llamafile's tinyBLAS (a batch of Q8_0, Q4_0 or Q5_0), or
+    /// `vec_dot` in 16×16 tiles — the kernels llama.cpp picks for the same product.
+    fn product_rows(&self, rows: std::ops::Range<usize>, act: Acts, batch: usize, out: &mut [f32]) {
         let arb = self.act_row_bytes();
-        let acts = &act[..arb * batch];
-        if let Some(p) = &self.packed {
-            // Tiles of rows small enough to stay in L2 across the activation rows.
-            const TILE: usize = 64;
-            let mut tmp = [0f32; TILE];
-            let mut r0 = rows.start;
-            while r0 < rows.end {
-                let r1 = (r0 + TILE).min(rows.end);
-                let o0 = (r0 - rows.start) * batch;
+        let acts = &act.data[..arb * batch];
+        let packed = self.packed.as_deref();
+        let tiny = packed.is_none() && batch >= 2 && sgemm::supports(self.ty);
+        if packed.is_none() && !tiny {
+            let rb = self.row_bytes();
+            let w = &self.data[rows.start * rb..rows.end * rb];
+            self.kernels.matmul_tile(self.n_in, w, acts, batch, out);
+            return;
+        }
+        // Tiles of TILE weight rows (small enough to stay in L2 across the activations); the
+        // GEMMs run ACTS activations per call into `tmp` ([ACTS, TILE]).
+        const TILE: usize = 64;
+        const ACTS: usize = 16;
+        let n_gemm = match packed {
+            Some(_) if act.fours => batch - batch % 4,
+            Some(_) => 0,
+            None => batch,
+        };
+        let rb = self.row_bytes();
+        let mut tmp = [0f32; TILE * ACTS];
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let r1 = (r0 + TILE).min(rows.end);
+            let (nr, o0) = (r1 - r0, (r0 - rows.start) * batch);
+            for a0 in (0..n_gemm).step_by(ACTS) {
+                let na = ACTS.min(n_gemm - a0);
+                let a = &acts[a0 * arb..(a0 + na) * arb];
+                let t = &mut tmp[..na * nr];
+                let by_act = match packed {
+                    Some(p) => {
+                        p.gemm(r0..r1, a, na, t);
+                        true
+                    }
+                    None => {
+                        let w = &self.data[r0 * rb..r1 * rb];
+                        sgemm::sgemm(self.ty, self.n_in, w, a, na, t) || {
+                            // One activation left (or tinyBLAS declined): vec_dot, [nr, na].
+                            self.kernels.matmul_tile(self.n_in, w, a, na, t);
+                            false
+                        }
+                    }
+                };
+                for (i, o) in out[o0..o0 + nr * batch].chunks_exact_mut(batch).enumerate() {
+                    for (k, v) in o[a0..a0 + na].iter_mut().enumerate() {
+                        *v = if by_act { t[k * nr + i] } else { t[i * na + k] };
+                    }
+                }
+            }
+            if let Some(p) = packed {
                 if batch == 1 {
-                    p.gemv(r0..r1, acts, &mut out[o0..o0 + (r1 - r0)]);
+                    p.gemv(r0..r1, acts, &mut out[o0..o0 + nr]);
                 } else {
-                    for (b, act) in acts.chunks_exact(arb).enumerate() {
-                        p.gemv(r0..r1, act, &mut tmp[..r1 - r0]);
-                        for (i, v) in tmp[..r1 - r0].iter().enumerate() {
+                    for (b, act) in acts.chunks_exact(arb).enumerate().skip(n_gemm) {
+                        p.gemv(r0..r1, act, &mut tmp[..nr]);
+                        for (i, v) in tmp[..nr].iter().enumerate() {
                             out[o0 + i * batch + b] = *v;
                         }
                     }
                 }
-                r0 = r1;
             }
-            return;
+            r0 = r1;
         }
-        let rb = self.row_bytes();
-        self.kernels.matmul_tile(
-            self.n_in,
-            &self.data[rows.start * rb..rows.end * rb],
-            acts,
-            batch,
-            out,
-        );
     }
 }
 
 pub fn act_row_bytes(vec_dot_type: GgmlType, n: usize) -> usize {
     (n as u64 / vec_dot_type.block_size() * vec_dot_type.block_bytes()) as usize
+}
+
+/// Activation rows quantized for a matrix: `[batch, act_row_bytes]`, the first
+/// `batch − batch % 4` of them packed four at a time for ggml's GEMM when `fours`.
+#[derive(Clone, Copy)]
+pub struct Acts<'a> {
+    pub data: &'a [u8],
+    pub fours: bool,
+}
+
+impl<'a> Acts<'a> {
+    /// Rows one after another (`tensor::quantize_rows`).
+    pub fn rows(data: &'a [u8]) -> Self {
+        Acts { data, fours: false }
+    }
 }
 
 /// Quantizes `batch` rows of `x` (`[batch, n]`) into `out` for `vec_dot_type`.
@@ -189,11 +269,11 @@ pub fn quantize_rows(k: &Kernels, x: &[f32], n: usize, out: &mut [u8]) {
 }
 
 /// Products of several matrices over the same input rows in one parallel region (q/k/v,
-/// gate/up). Each matrix comes with the input quantized to its `vec_dot_type`
-/// (`[batch, act_row_bytes]`; matrices of the same type share one buffer). `out` is
+/// gate/up). Each matrix comes with the input quantized to its `vec_dot_type` ([`Acts`];
+/// matrices of the same type and layout share one buffer). `out` is
 /// `[Σ n_out, batch]`: the matrices' outputs one after another. Rows are split across the
 /// current team's threads in contiguous ranges of equal weight bytes.
-pub fn matmul_group(mats: &[(&Matrix, &[u8])], batch: usize, out: &mut [f32]) {
+pub fn matmul_group(mats: &[(&Matrix, Acts)], batch: usize, out: &mut [f32]) {
     let total_rows: usize = mats.iter().map(|(m, _)| m.n_out).sum();
     assert_eq!(out.len(), total_rows * batch);
     let total_bytes: usize = mats.iter().map(|(m, _)| m.n_bytes()).sum();
@@ -229,7 +309,7 @@ pub fn matmul_group(mats: &[(&Matrix, &[u8])], batch: usize, out: &mut [f32]) {
                 let n = (b - a) * batch;
                 m.product_rows(
                     a - base..b - base,
-                    act,
+                    *act,
                     batch,
                     &mut chunk[filled..filled + n],
                 );

@@ -25,7 +25,7 @@ mod common;
 
 use ffnskip::ggml;
 use ffnskip::gguf::GgmlType;
-use ffnskip::tensor::{matmul_group, quantize_rows, Matrix};
+use ffnskip::tensor::{matmul_group, quantize_rows, Acts, Matrix};
 
 use common::Lcg;
 
@@ -141,7 +141,7 @@ fn product(m: &Matrix, x: &[f32], batch: usize, threads: usize) -> Vec<f32> {
     quantize_rows(m.kernels(), x, m.n_in, &mut act);
     let mut out = vec![f32::NAN; m.n_out * batch];
     let pool = ffnskip::team::Team::new(threads).unwrap();
-    pool.install(|| matmul_group(&[(m, &act)], batch, &mut out));
+    pool.install(|| matmul_group(&[(m, Acts::rows(&act))], batch, &mut out));
     out
 }
 
@@ -317,7 +317,13 @@ fn grouped_matrices_equal_separate_products() {
             for threads in [1, 2, 3] {
                 let pool = ffnskip::team::Team::new(threads).unwrap();
                 let mut both = vec![f32::NAN; (na + nb) * batch];
-                pool.install(|| matmul_group(&[(&ma, &aa), (&mb, &ab)], batch, &mut both));
+                pool.install(|| {
+                    matmul_group(
+                        &[(&ma, Acts::rows(&aa)), (&mb, Acts::rows(&ab))],
+                        batch,
+                        &mut both,
+                    )
+                });
                 let sa = product(&ma, xs, batch, threads);
                 let sb = product(&mb, xs, batch, threads);
                 let separate: Vec<f32> = sa.into_iter().chain(sb).collect();
@@ -444,6 +450,141 @@ fn f16_accumulator_steps_round_once_per_element() {
                 y[i].to_bits(),
                 want.to_bits(),
                 "scale, n = {n}, element {i}"
+            );
+        }
+    }
+}
+
+/// ggml's repacked GEMM (four activations at a time, as llama.cpp runs a batch) against its
+/// GEMV (one at a time, as in decode) on the same packed weights: the 4-row packer quantizes
+/// each row as the 1-row quantizer does (same Q8_K scales), Q4_0's GEMM gives the GEMV's bits
+/// (so it serves exact batches too), and Q4_K's stays within float-summation distance of it.
+#[test]
+fn repacked_gemm_against_gemv() {
+    use ffnskip::ggml::repack::{quantize4, Packed};
+    let (n_in, n_out, batch) = (512, 64, 8);
+    let mut rng = Lcg(11);
+    let w = weights(&mut rng, n_in, n_out);
+    let x = activations(&mut rng, n_in, batch);
+    for ty in [GgmlType::Q4_K, GgmlType::Q4_0] {
+        let q = ggml::quantize(ty, &w, n_in).unwrap();
+        let Some(p) = Packed::new(ty, n_in, n_out, &q) else {
+            eprintln!("{ty}: not repacked on this CPU");
+            continue;
+        };
+        let m = Matrix::from_raw(ty, n_in, n_out, &q).unwrap();
+        let arb = m.act_row_bytes();
+        let mut plain = vec![0u8; arb * batch];
+        quantize_rows(m.kernels(), &x, n_in, &mut plain);
+        let mut packed = vec![0u8; arb * batch];
+        for (xs, out) in x.chunks(4 * n_in).zip(packed.chunks_mut(4 * arb)) {
+            assert!(quantize4(ty, xs, n_in, out));
+        }
+        if ty == GgmlType::Q4_K {
+            // block_q8_K is {f32 d; i8 qs[256]; i16 bsums[16]} (292 bytes); block_q8_Kx4 starts
+            // with the four rows' d.
+            for b in 0..batch {
+                for i in 0..n_in / 256 {
+                    let one = &plain[b * arb + i * 292..][..4];
+                    let four = &packed[(b / 4) * 4 * arb + i * 4 * 292 + (b % 4) * 4..][..4];
+                    assert_eq!(one, four, "row {b} block {i}: scale");
+                }
+            }
+        }
+        let mut gemm = vec![0f32; batch * n_out];
+        p.gemm(0..n_out, &packed, batch, &mut gemm);
+        let (mut same, mut worst) = (0, 0f64);
+        for b in 0..batch {
+            let mut gemv = vec![0f32; n_out];
+            p.gemv(0..n_out, &plain[b * arb..(b + 1) * arb], &mut gemv);
+            for (o, v) in gemv.iter().enumerate() {
+                let g = gemm[b * n_out + o];
+                same += usize::from(g.to_bits() == v.to_bits());
+                let (_, abs_wx) = bound(
+                    m.vec_dot_type(),
+                    &w[o * n_in..(o + 1) * n_in],
+                    &x[b * n_in..(b + 1) * n_in],
+                );
+                worst = worst.max((g - v).abs() as f64 / abs_wx);
+            }
+        }
+        eprintln!(
+            "{ty}: GEMM = GEMV in {same} of {} outputs; worst |Δ|/Σ|w·x| {worst:e}",
+            batch * n_out
+        );
+        assert_eq!(p.gemm_matches_gemv(), same == batch * n_out, "{ty}");
+        assert!(worst < 1e-6, "{ty}: GEMM and GEMV {worst:e} apart");
+    }
+}
+
+/// A product over a batch of 7 in the GEMM layout (4 rows through the GEMM, 3 through the
+/// GEMV) lands every output where the row-by-row product puts it; exact for Q4_0.
+#[test]
+fn gemm_layout_products_match_row_by_row() {
+    let (n_in, n_out, batch) = (256, 136, 7);
+    let mut rng = Lcg(5);
+    let w = weights(&mut rng, n_in, n_out);
+    let x = activations(&mut rng, n_in, batch);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_K] {
+        let q = ggml::quantize(ty, &w, n_in).unwrap();
+        let mut m = Matrix::from_raw(ty, n_in, n_out, &q).unwrap();
+        if !m.pack() {
+            continue;
+        }
+        assert!(m.uses_gemm(batch, false) && !m.uses_gemm(3, false));
+        assert_eq!(m.uses_gemm(batch, true), ty == GgmlType::Q4_0);
+        let arb = m.act_row_bytes();
+        let run = |fours: bool| {
+            let mut a = vec![0u8; arb * batch];
+            m.quantize_acts(&x, batch, fours, &mut a);
+            let mut out = vec![f32::NAN; n_out * batch];
+            let team = ffnskip::team::Team::new(2).unwrap();
+            team.install(|| matmul_group(&[(&m, Acts { data: &a, fours })], batch, &mut out));
+            out
+        };
+        let (gemm, rows) = (run(true), run(false));
+        for (i, (g, r)) in gemm.iter().zip(&rows).enumerate() {
+            let (o, b) = (i / batch, i % batch);
+            if ty == GgmlType::Q4_0 || b >= 4 {
+                assert_eq!(g.to_bits(), r.to_bits(), "{ty}: row {o}, activation {b}");
+            } else {
+                assert!(
+                    (g - r).abs() <= 1e-4 * r.abs().max(1.0),
+                    "{ty}: row {o}, activation {b}: {g} vs {r}"
+                );
+            }
+        }
+    }
+}
+
+/// llamafile's tinyBLAS (llama.cpp's kernel for a batch of Q8_0/Q4_0/Q5_0 products) gives,
+/// for every activation row, the bits of ggml's `vec_dot` on that row alone: batches through
+/// it equal the same rows decoded one at a time. IQ4_NL (where it does not) is declined.
+#[test]
+fn tinyblas_equals_vec_dot_row_by_row() {
+    use ffnskip::ggml::sgemm;
+    let (n_in, n_out, batch) = (512, 40, 9);
+    let mut rng = Lcg(3);
+    let w = weights(&mut rng, n_in, n_out);
+    let x = activations(&mut rng, n_in, batch);
+    assert!(!sgemm::supports(GgmlType::IQ4_NL));
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0] {
+        let q = ggml::quantize(ty, &w, n_in).unwrap();
+        let m = Matrix::from_raw(ty, n_in, n_out, &q).unwrap();
+        let mut act = vec![0u8; batch * m.act_row_bytes()];
+        quantize_rows(m.kernels(), &x, n_in, &mut act);
+        let mut tiny = vec![f32::NAN; batch * n_out];
+        if !sgemm::sgemm(ty, n_in, &q, &act, batch, &mut tiny) {
+            assert!(!cfg!(target_arch = "x86_64"), "{ty}: declined on x86");
+            continue;
+        }
+        let one = product(&m, &x, batch, 1);
+        for (i, v) in one.iter().enumerate() {
+            let (o, b) = (i / batch, i % batch);
+            assert_eq!(
+                v.to_bits(),
+                tiny[b * n_out + o].to_bits(),
+                "{ty}: row {o}, activation {b}"
             );
         }
     }

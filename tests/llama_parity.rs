@@ -125,6 +125,7 @@ fn batched_prefill_equals_token_by_token_decode() {
                 n_ctx: 512,
                 threads,
                 batch: 64,
+                exact_batches: true,
             },
         )
         .expect("session");

@@ -122,6 +122,7 @@ fn batched_equals_sequential(name: &str) {
         n_ctx: 1024,
         threads: 2,
         batch: 64,
+        exact_batches: true,
     };
     let mut batched = Session::new(&model, config).expect("session");
     let all = batched.eval_all(&ids, true).expect("batched");

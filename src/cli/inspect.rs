@@ -141,7 +141,7 @@ pub fn report(f: &GgufFile, all_metadata: bool) -> String {
     if n_packed > 0 {
         let _ = writeln!(
             s,
-            "repack       {n_packed} tensors ({}) repacked at load for ggml's GEMV kernels, as llama.cpp does (--no-repack: off)",
+            "repack       {n_packed} tensors ({}) repacked at load for ggml's GEMV/GEMM kernels, as llama.cpp does (--no-repack: off)",
             mb(packed_bytes)
         );
     }

@@ -86,9 +86,9 @@ pub struct ModelArgs {
 /// `--no-repack`, as llama.cpp's.
 #[derive(Args, Clone, Copy, Debug, Default)]
 pub struct LoadArgs {
-    /// Run every weight from the file's own layout: no Q4_K copy repacked for ggml's GEMV
-    /// kernels (the default repacks as llama.cpp does; the copy replaces the mapped pages, so
-    /// memory stays about the same, and decode is faster).
+    /// Run every weight from the file's own layout: no Q4_K/Q4_0 copy repacked for ggml's
+    /// GEMV/GEMM kernels (the default repacks as llama.cpp does; the copy replaces the mapped
+    /// pages, so memory stays about the same, and decode and prefill are faster).
     #[arg(long = "no-repack")]
     pub no_repack: bool,
 }

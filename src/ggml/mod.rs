@@ -10,6 +10,7 @@
 
 pub mod order;
 pub mod repack;
+pub mod sgemm;
 
 use std::sync::OnceLock;
 

@@ -7,9 +7,11 @@
 //! (`ggml_gemv_*`), called row by row of activations, so a batch gives the same bits as the
 //! same rows decoded one at a time.
 //!
-//! Which types: what `ggml_repack_get_optimal_repack_type` picks on x86 with AVX2 and that has
-//! a kernel wired here: Q4_K → `block_q4_Kx8` (8 rows interleaved in 8-byte groups), dotted
-//! against Q8_K activations by `ggml_gemv_q4_K_8x8_q8_K`.
+//! Which types: what `ggml_repack_get_optimal_repack_type` picks on x86 with AVX2: Q4_K →
+//! `block_q4_Kx8` and Q4_0 → `block_q4_0x8` (8 rows interleaved in 8-byte groups), dotted
+//! against Q8_K / Q8_0 activations by `ggml_gemv_*_8x8_*` one activation at a time, or by
+//! `ggml_gemm_*_8x8_*` four at a time (activations packed by `ggml_quantize_mat_*_4x8`), as
+//! llama.cpp's `forward_mul_mat` does for a batch.
 
 use std::ffi::{c_void, CStr};
 use std::sync::OnceLock;
@@ -20,7 +22,13 @@ use crate::gguf::GgmlType;
 
 /// `ggml_gemv_*`: `(n, s, bs, vx, vy, nr, nc)`: `s[0..nc] = dot(rows of vx, activation vy)`
 /// for `nc` interleaved weight rows (a multiple of the interleave) of `n` elements.
+/// `ggml_gemm_*` has the same signature: `s[a*bs + c] = dot(row c, activation a)` for `nr`
+/// activations (a multiple of 4, packed four at a time by the layout's [`QuantMatFn`]).
 type GemvFn = unsafe extern "C" fn(i32, *mut f32, usize, *const c_void, *const c_void, i32, i32);
+
+/// `ggml_quantize_mat_*_4x8(x, vy, k)`: four rows of `k` floats (`x`, row-major) quantized to
+/// the vec_dot_type and interleaved in 8-byte groups (`block_q8_0x4` / `block_q8_Kx4`).
+type QuantMatFn = unsafe extern "C" fn(*const f32, *mut c_void, i64);
 
 // The kernels, exported with C linkage by libggml-cpu (ggml-cpu/repack.h).
 extern "C" {
@@ -33,18 +41,54 @@ extern "C" {
         nr: i32,
         nc: i32,
     );
+    fn ggml_gemm_q4_K_8x8_q8_K(
+        n: i32,
+        s: *mut f32,
+        bs: usize,
+        vx: *const c_void,
+        vy: *const c_void,
+        nr: i32,
+        nc: i32,
+    );
+    fn ggml_gemv_q4_0_8x8_q8_0(
+        n: i32,
+        s: *mut f32,
+        bs: usize,
+        vx: *const c_void,
+        vy: *const c_void,
+        nr: i32,
+        nc: i32,
+    );
+    fn ggml_gemm_q4_0_8x8_q8_0(
+        n: i32,
+        s: *mut f32,
+        bs: usize,
+        vx: *const c_void,
+        vy: *const c_void,
+        nr: i32,
+        nc: i32,
+    );
+    fn ggml_quantize_mat_q8_K_4x8(x: *const f32, vy: *mut c_void, k: i64);
+    fn ggml_quantize_mat_q8_0_4x8(x: *const f32, vy: *mut c_void, k: i64);
 }
 
-/// A repacked layout and its kernel.
+/// A repacked layout and its kernels.
 #[derive(Clone, Copy)]
 struct Layout {
     ty: GgmlType,
     /// Rows interleaved per group; products cover whole groups.
     rows: usize,
+    /// Elements per block of `ty`; a row must hold whole blocks.
+    block: usize,
+    /// Whether the GEMM gives each output the GEMV's bits (checked by tests/kernels.rs).
+    gemm_exact: bool,
     gemv: GemvFn,
+    gemm: GemvFn,
+    quantize4: QuantMatFn,
 }
 
-/// The layout ggml picks for `ty` with `n_out` rows on this CPU, if wired here.
+/// The layout ggml picks for `ty` with `n_out` rows on this CPU, if wired here
+/// (`ggml_repack_get_optimal_repack_type`: Q4_0 and Q4_K as 8×8 with AVX2).
 fn layout(ty: GgmlType, n_out: usize) -> Option<Layout> {
     if !cfg!(target_arch = "x86_64") || !cpu_has_avx2() {
         return None;
@@ -53,7 +97,20 @@ fn layout(ty: GgmlType, n_out: usize) -> Option<Layout> {
         GgmlType::Q4_K => Layout {
             ty,
             rows: 8,
+            block: 256,
+            gemm_exact: false,
             gemv: ggml_gemv_q4_K_8x8_q8_K,
+            gemm: ggml_gemm_q4_K_8x8_q8_K,
+            quantize4: ggml_quantize_mat_q8_K_4x8,
+        },
+        GgmlType::Q4_0 => Layout {
+            ty,
+            rows: 8,
+            block: 32,
+            gemm_exact: true,
+            gemv: ggml_gemv_q4_0_8x8_q8_0,
+            gemm: ggml_gemm_q4_0_8x8_q8_0,
+            quantize4: ggml_quantize_mat_q8_0_4x8,
         },
         _ => return None,
     };
@@ -142,7 +199,7 @@ impl Packed {
         let layout = layout(ty, n_out)?;
         let buft = repack_buffer_type()?;
         let row = ty.row_bytes(n_in as u64)? as usize;
-        if row.checked_mul(n_out)? != data.len() || !(n_in as u64).is_multiple_of(256) {
+        if row.checked_mul(n_out)? != data.len() || !n_in.is_multiple_of(layout.block) {
             return None;
         }
         let (ne0, ne1) = (i64::try_from(n_in).ok()?, i64::try_from(n_out).ok()?);
@@ -190,6 +247,12 @@ impl Packed {
         }
     }
 
+    /// Whether [`Packed::gemm`] gives the bits of [`Packed::gemv`] row by row (Q4_0 yes; Q4_K's
+    /// GEMM sums in another order).
+    pub fn gemm_matches_gemv(&self) -> bool {
+        self.layout.gemm_exact
+    }
+
     /// Rows per interleaved group: product row ranges start and end on multiples of it.
     pub fn group_rows(&self) -> usize {
         self.layout.rows
@@ -228,6 +291,64 @@ impl Packed {
             )
         }
     }
+
+    /// `out[a * rows.len() + (r - rows.start)] = dot(row r, activation a)` for `n_acts` (a
+    /// multiple of 4) activations packed by [`quantize4`] and rows `rows` (whole groups).
+    pub fn gemm(&self, rows: std::ops::Range<usize>, acts: &[u8], n_acts: usize, out: &mut [f32]) {
+        let g = self.layout.rows;
+        assert!(
+            rows.start.is_multiple_of(g) && rows.end.is_multiple_of(g) && rows.end <= self.n_out,
+            "rows {rows:?} of a {}-row matrix in groups of {g}",
+            self.n_out
+        );
+        assert!(n_acts.is_multiple_of(4), "{n_acts} activations");
+        assert_eq!(out.len(), rows.len() * n_acts, "output length");
+        let vdt = super::kernels(self.layout.ty).map(|k| k.vec_dot_type);
+        let act_bytes = vdt.and_then(|t| t.row_bytes(self.n_in as u64));
+        assert_eq!(
+            act_bytes.map(|b| b * n_acts as u64),
+            Some(acts.len() as u64),
+            "activation bytes"
+        );
+        if rows.is_empty() || n_acts == 0 {
+            return;
+        }
+        let row_bytes = self.len / self.n_out;
+        // SAFETY: as in `gemv`; `acts` holds `n_acts` packed activations (checked) and `out`
+        // `n_acts` rows of `rows.len()` floats, the kernel's output stride.
+        unsafe {
+            (self.layout.gemm)(
+                self.n_in as i32,
+                out.as_mut_ptr(),
+                rows.len(),
+                self.data.add(rows.start * row_bytes).cast(),
+                acts.as_ptr().cast(),
+                n_acts as i32,
+                rows.len() as i32,
+            )
+        }
+    }
+}
+
+/// Quantizes four activation rows (`x`: `[4, n]`) into `out` (four rows of `ty`'s
+/// vec_dot_type, interleaved as the GEMM kernels read them); false when `ty` has no GEMM here.
+pub fn quantize4(ty: GgmlType, x: &[f32], n: usize, out: &mut [u8]) -> bool {
+    let Some(l) = layout(ty, 8) else {
+        return false;
+    };
+    let vdt = super::kernels(ty).map(|k| k.vec_dot_type);
+    let bytes = vdt.and_then(|t| t.row_bytes(n as u64));
+    assert_eq!(x.len(), 4 * n, "four rows of {n}");
+    assert_eq!(
+        bytes.map(|b| 4 * b),
+        Some(out.len() as u64),
+        "four packed activation rows"
+    );
+    assert!(n.is_multiple_of(l.block), "row length {n}");
+    // SAFETY: `x` holds four rows of `n` floats and `out` four rows of the vec_dot_type
+    // (checked), which is what the interleaved 4-row block layout occupies.
+    unsafe { (l.quantize4)(x.as_ptr(), out.as_mut_ptr().cast(), n as i64) };
+    true
 }
 
 impl Drop for Packed {

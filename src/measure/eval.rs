@@ -317,11 +317,13 @@ impl<'m> Evaluator<'m> {
                 items.len() - todo
             ));
             if todo > 0 {
-                let mut session = Session::with_controller(
-                    self.model,
-                    SessionConfig::new(4096.min(self.model.config.n_ctx_train), self.cfg.threads),
-                    self.controller(&spec)?,
-                )?;
+                // Teacher-forced batches must score what decoding would produce.
+                let config = SessionConfig {
+                    exact_batches: true,
+                    ..SessionConfig::new(4096.min(self.model.config.n_ctx_train), self.cfg.threads)
+                };
+                let mut session =
+                    Session::with_controller(self.model, config, self.controller(&spec)?)?;
                 // The whole file is rewritten atomically after each item: an interruption
                 // leaves every finished item and no cut line.
                 let mut jsonl = String::new();

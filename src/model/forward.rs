@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use super::attention::AttnScratch;
 use super::{KvCache, Llama};
+use crate::ggml;
 use crate::ggml::order::rms_norm;
-use crate::ggml::{self, Kernels};
+use crate::gguf::GgmlType;
 use crate::skip::Controller;
-use crate::tensor::{self, act_row_bytes, matmul_group, Matrix, MAX_SPLITS};
+use crate::tensor::{self, matmul_group, Acts, Matrix, MAX_SPLITS};
 
 /// Which logits a forward call produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +115,9 @@ pub struct Scratch {
     /// Every row's logits `[n, n_vocab]` (`Logits::All`; grown once).
     logits_all: Vec<f32>,
     pub times: StageTimes,
+    /// Batches give the bits of the same rows decoded one at a time: products whose GEMM
+    /// would differ run row by row (`SessionConfig::exact_batches`).
+    pub batch_exact: bool,
 }
 
 impl Scratch {
@@ -149,6 +153,7 @@ impl Scratch {
             logits_mm: Vec::new(),
             logits_all: Vec::new(),
             times: StageTimes::default(),
+            batch_exact: false,
         }
     }
 
@@ -171,43 +176,41 @@ fn grown(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[..n]
 }
 
-/// Quantizes `batch` rows of `x` (`[batch, n]`) once per distinct `vec_dot_type` among
-/// `mats`; returns for each matrix the index of its activation buffer.
+/// Quantizes `batch` rows of `x` (`[batch, n]`) once per distinct activation layout among
+/// `mats` (vec_dot_type, and whether ggml's GEMM takes them four at a time; with `exact` only
+/// where that gives the bits of one-row products); returns for each matrix its buffer index
+/// and layout.
 fn quantize_for(
     mats: &[&Matrix],
     x: &[f32],
-    n: usize,
     batch: usize,
+    exact: bool,
     acts: &mut [Vec<u8>; 3],
-) -> [usize; 3] {
-    let mut slots = [0usize; 3];
-    let mut done: [Option<Kernels>; 3] = [None; 3];
+) -> [(usize, bool); 3] {
+    let mut slots = [(0usize, false); 3];
+    let mut done: [Option<(GgmlType, bool)>; 3] = [None; 3];
     for (i, m) in mats.iter().enumerate() {
-        let vdt = m.vec_dot_type();
-        let slot = match done
-            .iter()
-            .position(|d| d.is_some_and(|k| k.vec_dot_type == vdt))
-        {
+        let key = (m.vec_dot_type(), m.uses_gemm(batch, exact));
+        let slot = match done.iter().position(|d| *d == Some(key)) {
             Some(s) => s,
             None => {
                 let s = done.iter().position(|d| d.is_none()).unwrap_or(2);
-                let k = *m.kernels();
-                let arb = act_row_bytes(vdt, n);
-                let buf = &mut acts[s][..arb * batch];
-                if batch > 4 {
-                    tensor::par_rows(buf, arb, 4, &|i, o| {
-                        k.quantize_activation(&x[i * n..(i + 1) * n], o)
-                    });
-                } else {
-                    tensor::quantize_rows(&k, &x[..n * batch], n, buf);
-                }
-                done[s] = Some(k);
+                m.quantize_acts(x, batch, key.1, &mut acts[s]);
+                done[s] = Some(key);
                 s
             }
         };
-        slots[i] = slot;
+        slots[i] = (slot, key.1);
     }
     slots
+}
+
+/// The activations `quantize_for` put in `slot`.
+fn acts_in(acts: &[Vec<u8>; 3], (slot, fours): (usize, bool)) -> Acts<'_> {
+    Acts {
+        data: &acts[slot],
+        fours,
+    }
 }
 
 impl Llama<'_> {
@@ -358,10 +361,10 @@ impl Llama<'_> {
         } else {
             (&qkv[1..], 0)
         };
-        let slots = quantize_for(mats, &s.xn[..b * d], d, b, &mut s.acts);
-        let mut group = [(qkv[0], &[][..]); 3];
+        let slots = quantize_for(mats, &s.xn[..b * d], b, s.batch_exact, &mut s.acts);
+        let mut group = [(qkv[0], Acts::rows(&[])); 3];
         for ((g, &m), &slot) in group.iter_mut().zip(mats).zip(&slots) {
-            *g = (m, &s.acts[slot][..]);
+            *g = (m, acts_in(&s.acts, slot));
         }
         let mm = &mut s.mm[..(q_rows + 2 * kv) * b];
         matmul_group(&group[..mats.len()], b, mm);
@@ -423,9 +426,19 @@ impl Llama<'_> {
         }
 
         // attn_out = attn_output · att: [n_embd, na]; ffn_inp = attn_out + inpL.
-        let slots = quantize_for(&[&lw.attn_output], &s.att[..na * d], d, na, &mut s.acts);
+        let slots = quantize_for(
+            &[&lw.attn_output],
+            &s.att[..na * d],
+            na,
+            s.batch_exact,
+            &mut s.acts,
+        );
         let attn_out = &mut s.mm[..d * na];
-        matmul_group(&[(&lw.attn_output, &s.acts[slots[0]][..])], na, attn_out);
+        matmul_group(
+            &[(&lw.attn_output, acts_in(&s.acts, slots[0]))],
+            na,
+            attn_out,
+        );
         tensor::add_transposed(attn_out, d, &s.active, &mut s.x);
     }
 
@@ -455,12 +468,12 @@ impl Llama<'_> {
 
         // ffn_gate and ffn_up: [2][n_ff, r].
         let gate_up = [&lw.ffn_gate, &lw.ffn_up];
-        let slots = quantize_for(&gate_up, &s.xn[..r * d], d, r, &mut s.acts);
+        let slots = quantize_for(&gate_up, &s.xn[..r * d], r, s.batch_exact, &mut s.acts);
         let mm = &mut s.mm[..2 * ff * r];
         matmul_group(
             &[
-                (gate_up[0], &s.acts[slots[0]][..]),
-                (gate_up[1], &s.acts[slots[1]][..]),
+                (gate_up[0], acts_in(&s.acts, slots[0])),
+                (gate_up[1], acts_in(&s.acts, slots[1])),
             ],
             r,
             mm,
@@ -485,9 +498,15 @@ impl Llama<'_> {
         }
 
         // ffn_out = ffn_down · swiglu: [n_embd, r]; l_out = ffn_out + ffn_inp.
-        let slots = quantize_for(&[&lw.ffn_down], &s.xn[..r * ff], ff, r, &mut s.acts);
+        let slots = quantize_for(
+            &[&lw.ffn_down],
+            &s.xn[..r * ff],
+            r,
+            s.batch_exact,
+            &mut s.acts,
+        );
         let ffn_out = &mut s.mm[..d * r];
-        matmul_group(&[(&lw.ffn_down, &s.acts[slots[0]][..])], r, ffn_out);
+        matmul_group(&[(&lw.ffn_down, acts_in(&s.acts, slots[0]))], r, ffn_out);
         tensor::add_transposed(ffn_out, d, &s.ffn_rows, &mut s.x);
 
         if observe {
@@ -524,8 +543,8 @@ impl Llama<'_> {
 
         // result_output: [n_vocab, n], then [n, n_vocab] for more than one row.
         let out = &self.weights.output;
-        let slots = quantize_for(&[out], &s.xn[..n * d], d, n, &mut s.acts);
-        let group = [(out, &s.acts[slots[0]][..])];
+        let slots = quantize_for(&[out], &s.xn[..n * d], n, s.batch_exact, &mut s.acts);
+        let group = [(out, acts_in(&s.acts, slots[0]))];
         let result: &[f32] = if n == 1 {
             matmul_group(&group, 1, &mut s.logits);
             &s.logits

@@ -19,8 +19,8 @@ use rope::Rope;
 /// How [`Llama::load_with`] prepares the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Repack the types ggml repacks on this CPU (Q4_K on x86 with AVX2) into its interleaved
-    /// layout and run its GEMV kernels on them, as llama.cpp does by default (its
+    /// Repack the types ggml repacks on this CPU (Q4_K, Q4_0 on x86 with AVX2) into its
+    /// interleaved layout and run its GEMV/GEMM kernels on them, as llama.cpp does by default (its
     /// `--no-repack` turns that off). The copy replaces the mapped pages in memory.
     pub repack: bool,
 }
@@ -45,7 +45,7 @@ impl<'a> Llama<'a> {
     }
 
     /// Reads the configuration and views every weight; nothing is copied but the norms and,
-    /// with `repack`, the matrices ggml repacks for its GEMV kernels on this CPU.
+    /// with `repack`, the matrices ggml repacks for its GEMV/GEMM kernels on this CPU.
     pub fn load_with(file: &'a GgufFile, options: LoadOptions) -> Result<Self> {
         crate::ggml::init();
         let config = LlamaConfig::from_gguf(file)?;

@@ -26,7 +26,12 @@ pub fn prompt_and_greedy_identical(
     }
     let mut pc = peer.context(1024, 2, mode).expect("context");
     let theirs = pc.eval(&ids, true).expect("eval");
-    let mut s = Session::new(model, SessionConfig::new(1024, 2)).expect("session");
+    // Exact batches: llama.cpp here runs one token per ubatch (GEMV, never GEMM).
+    let config = SessionConfig {
+        exact_batches: true,
+        ..SessionConfig::new(1024, 2)
+    };
+    let mut s = Session::new(model, config).expect("session");
     let ours = s.eval_all(&ids, true).expect("forward");
     for (i, t) in theirs.iter().enumerate() {
         let o = &ours[i * n_vocab..(i + 1) * n_vocab];
