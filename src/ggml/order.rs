@@ -216,27 +216,68 @@ fn softmax_values_in(
     acc: &mut [f16],
     out: &mut [f32],
 ) {
-    let hd = acc.len();
+    softmax_values_rows_in(native, &[scores], scale, values, acc, out)
+}
+
+/// Most rows [`softmax_values_rows`] interleaves.
+pub const MAX_ROWS: usize = 4;
+
+/// [`softmax_values`] for up to [`MAX_ROWS`] query rows of one head at once: row `j` attends
+/// to the first `scores[j].len()` of `values`, with accumulator `acc[j·hd..]` and result
+/// `out[j·hd..]` (`hd` = `out.len() / rows`). The rows' chains of accumulator steps are
+/// independent, so stepping them position by position lets them overlap in the CPU; each row
+/// gets the bits [`softmax_values`] gives it alone.
+pub fn softmax_values_rows(
+    scores: &[&[f32]],
+    scale: f32,
+    values: &[f16],
+    acc: &mut [f16],
+    out: &mut [f32],
+) {
+    softmax_values_rows_in(native_f16(), scores, scale, values, acc, out)
+}
+
+fn softmax_values_rows_in(
+    native: bool,
+    scores: &[&[f32]],
+    scale: f32,
+    values: &[f16],
+    acc: &mut [f16],
+    out: &mut [f32],
+) {
+    let r = scores.len();
+    assert!((1..=MAX_ROWS).contains(&r), "{r} rows");
+    let hd = out.len() / r;
+    assert_eq!(acc.len(), r * hd, "accumulators");
+    let n_max = scores.iter().map(|s| s.len()).max().unwrap_or(0);
+    assert!(values.len() >= n_max * hd, "values for {n_max} positions");
     acc.fill(f16::ZERO);
-    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
-    for (&raw, v) in scores.iter().zip(values.chunks_exact(hd)) {
-        // The mask adds +0.0 at every visible position.
-        let s = raw * scale + 0.0;
-        let (mut ms, mut vs) = (1f32, 1f32);
-        if s > m {
-            let old = m;
-            m = s;
-            ms = (old - m).exp();
-            vec_scale_f16_in(native, acc, ms);
-        } else {
-            vs = (s - m).exp();
+    let (mut m, mut sum) = ([f32::NEG_INFINITY; MAX_ROWS], [0f32; MAX_ROWS]);
+    for (p, v) in values.chunks_exact(hd).take(n_max).enumerate() {
+        for (j, a) in acc.chunks_exact_mut(hd).enumerate() {
+            let Some(&raw) = scores[j].get(p) else {
+                continue;
+            };
+            // The mask adds +0.0 at every visible position.
+            let s = raw * scale + 0.0;
+            let (mut ms, mut vs) = (1f32, 1f32);
+            if s > m[j] {
+                let old = m[j];
+                m[j] = s;
+                ms = (old - s).exp();
+                vec_scale_f16_in(native, a, ms);
+            } else {
+                vs = (s - m[j]).exp();
+            }
+            vec_mad_f16_in(native, a, v, vs);
+            sum[j] = softmax_sum(sum[j], ms, vs);
         }
-        vec_mad_f16_in(native, acc, v, vs);
-        sum = softmax_sum(sum, ms, vs);
     }
-    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for (o, a) in out.iter_mut().zip(acc.iter()) {
-        *o = a.to_f32() * inv;
+    for ((o, a), &sj) in out.chunks_exact_mut(hd).zip(acc.chunks_exact(hd)).zip(&sum) {
+        let inv = if sj == 0.0 { 0.0 } else { 1.0 / sj };
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = a.to_f32() * inv;
+        }
     }
 }
 
@@ -487,6 +528,42 @@ mod tests {
 
     /// Our flash-attention row against ggml's `ggml_flash_attn_ext` (one query, one head), for
     /// head sizes with and without a native-f16 part and values down to f16 subnormals.
+    #[test]
+    fn interleaved_rows_give_each_row_its_own_bits() {
+        let hd = 128;
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let n = 300;
+        let values: Vec<f16> = (0..n * hd).map(|_| f16::from_f32(next())).collect();
+        let scores: Vec<Vec<f32>> = [297, 298, 299, 300]
+            .iter()
+            .map(|&len| (0..len).map(|_| next() * 8.0).collect())
+            .collect();
+        for native in [false, true] {
+            for rows in 1..=MAX_ROWS {
+                let s: Vec<&[f32]> = scores[..rows].iter().map(|v| &v[..]).collect();
+                let mut acc = vec![f16::ZERO; rows * hd];
+                let mut out = vec![0f32; rows * hd];
+                softmax_values_rows_in(native, &s, 0.125, &values, &mut acc, &mut out);
+                for (j, sj) in s.iter().enumerate() {
+                    let mut acc1 = vec![f16::ZERO; hd];
+                    let mut one = vec![0f32; hd];
+                    softmax_values_in(native, sj, 0.125, &values, &mut acc1, &mut one);
+                    let same = one.iter().zip(&out[j * hd..(j + 1) * hd]);
+                    assert!(
+                        same.clone().all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "native {native}, {rows} rows: row {j} differs"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn softmax_values_reproduce_ggml_flash_attention() {
         let f16dot = F16Dot::get();

@@ -22,7 +22,7 @@
 use half::f16;
 
 use super::{KvCache, Llama};
-use crate::ggml::order::{self, dot_order, score_block, DotOrder, QK_BLOCK};
+use crate::ggml::order::{self, dot_order, score_block, DotOrder, MAX_ROWS, QK_BLOCK};
 use crate::ggml::{self, F16Dot};
 use crate::tensor::{par_split, MAX_SPLITS};
 
@@ -36,9 +36,9 @@ pub struct AttnScratch {
     keys_t: Vec<f32>,
     /// The KV head whose keys `keys_t` holds.
     loaded: Option<usize>,
-    /// Raw q·k of one (head, row) `[n_ctx rounded up to QK_BLOCK]`.
+    /// Raw q·k of up to `MAX_ROWS` (head, row) items `[MAX_ROWS, n_ctx rounded up to QK_BLOCK]`.
     scores: Vec<f32>,
-    /// The f16 value accumulator `[head_dim]`.
+    /// Their f16 value accumulators `[MAX_ROWS, head_dim]`.
     acc: Vec<f16>,
 }
 
@@ -50,8 +50,8 @@ impl AttnScratch {
             q: vec![0.0; head_dim],
             keys_t: vec![0.0; padded * head_dim],
             loaded: None,
-            scores: vec![0.0; padded],
-            acc: vec![f16::ZERO; head_dim],
+            scores: vec![0.0; MAX_ROWS * padded],
+            acc: vec![f16::ZERO; MAX_ROWS * head_dim],
         }
     }
 }
@@ -109,11 +109,15 @@ impl Llama<'_> {
         }
         let n_total = positions[b - 1] + 1;
         let stride = n_total.next_multiple_of(QK_BLOCK);
+        let padded = scratch[0].scores.len() / MAX_ROWS;
         let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
             sc.loaded = None;
-            for (item, o) in (lo..hi).zip(chunk.chunks_exact_mut(hd)) {
-                let (h, row) = (item / b, item % b);
-                let n = positions[row] + 1;
+            // Consecutive items of one head (rows in order) in groups of up to MAX_ROWS: their
+            // scores one by one, then their softmax chains interleaved.
+            let mut g0 = lo;
+            while g0 < hi {
+                let h = g0 / b;
+                let g1 = hi.min((h + 1) * b).min(g0 + MAX_ROWS);
                 let kvh = h / group;
                 let keys = cache.keys(l, kvh, n_total);
                 if order != DotOrder::Call && sc.loaded != Some(kvh) {
@@ -124,32 +128,48 @@ impl Llama<'_> {
                     }
                     sc.loaded = Some(kvh);
                 }
-                ggml::f32_to_f16(&q[row * d + h * hd..row * d + (h + 1) * hd], &mut sc.q16);
-                ggml::f16_to_f32(&sc.q16, &mut sc.q);
-                let nb = n.next_multiple_of(QK_BLOCK);
-                // nb is a multiple of QK_BLOCK, so there is no remainder.
-                let (blocks, _) = sc.scores[..nb].as_chunks_mut::<QK_BLOCK>();
-                let blocks = blocks.iter_mut().enumerate();
-                match order {
-                    DotOrder::Lanes16 => blocks.for_each(|(jb, s)| {
-                        score_block::<16>(&sc.q, &sc.keys_t[jb * QK_BLOCK..], stride, s)
-                    }),
-                    DotOrder::Lanes8 => blocks.for_each(|(jb, s)| {
-                        score_block::<8>(&sc.q, &sc.keys_t[jb * QK_BLOCK..], stride, s)
-                    }),
-                    DotOrder::Call => {
-                        for (s, k) in sc.scores[..n].iter_mut().zip(keys.chunks_exact(hd)) {
-                            *s = f16dot.dot(k, &sc.q16);
+                for (j, item) in (g0..g1).enumerate() {
+                    let row = item % b;
+                    let n = positions[row] + 1;
+                    ggml::f32_to_f16(&q[row * d + h * hd..row * d + (h + 1) * hd], &mut sc.q16);
+                    ggml::f16_to_f32(&sc.q16, &mut sc.q);
+                    let scores = &mut sc.scores[j * padded..(j + 1) * padded];
+                    let nb = n.next_multiple_of(QK_BLOCK);
+                    // nb is a multiple of QK_BLOCK, so there is no remainder.
+                    let (blocks, _) = scores[..nb].as_chunks_mut::<QK_BLOCK>();
+                    let blocks = blocks.iter_mut().enumerate();
+                    match order {
+                        DotOrder::Lanes16 => blocks.for_each(|(jb, s)| {
+                            score_block::<16>(&sc.q, &sc.keys_t[jb * QK_BLOCK..], stride, s)
+                        }),
+                        DotOrder::Lanes8 => blocks.for_each(|(jb, s)| {
+                            score_block::<8>(&sc.q, &sc.keys_t[jb * QK_BLOCK..], stride, s)
+                        }),
+                        DotOrder::Call => {
+                            for (s, k) in scores[..n].iter_mut().zip(keys.chunks_exact(hd)) {
+                                *s = f16dot.dot(k, &sc.q16);
+                            }
                         }
                     }
                 }
-                order::softmax_values(
-                    &sc.scores[..n],
+                let rows = g1 - g0;
+                let mut lens = [0usize; MAX_ROWS];
+                for (j, item) in (g0..g1).enumerate() {
+                    lens[j] = positions[item % b] + 1;
+                }
+                let n_max = lens[..rows].iter().copied().max().unwrap_or(0);
+                let mut s: [&[f32]; MAX_ROWS] = [&[]; MAX_ROWS];
+                for (j, (sj, len)) in s.iter_mut().zip(lens).take(rows).enumerate() {
+                    *sj = &sc.scores[j * padded..j * padded + len];
+                }
+                order::softmax_values_rows(
+                    &s[..rows],
                     scale,
-                    cache.values(l, kvh, n),
-                    &mut sc.acc,
-                    o,
+                    cache.values(l, kvh, n_max),
+                    &mut sc.acc[..rows * hd],
+                    &mut chunk[(g0 - lo) * hd..(g1 - lo) * hd],
                 );
+                g0 = g1;
             }
         };
         par_split(out, &mut scratch[..splits], &bounds[..=splits], hd, &run);
