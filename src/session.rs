@@ -22,7 +22,8 @@ pub struct SessionConfig {
     pub batch: usize,
     /// Make every batch give the bits of its rows decoded one at a time (perplexity and KLD
     /// under skipping compare with decoding). Off, a batch runs ggml's GEMM where llama.cpp
-    /// does, which sums Q4_K products in another order (relative differences ~1e-4).
+    /// does (which sums Q4_K products in another order) and attention in f32, as llama.cpp's
+    /// batched prompts do; logits then differ from decoding in the last places.
     pub exact_batches: bool,
 }
 

@@ -12,7 +12,7 @@ mod common;
 
 use ffnskip::gguf::GgufFile;
 use ffnskip::model::Llama;
-use ffnskip::peer::{argmax, LlamaCpp, PeerMode};
+use ffnskip::peer::{LlamaCpp, PeerMode};
 use ffnskip::session::{Session, SessionConfig};
 
 use common::LONG;
@@ -60,46 +60,9 @@ fn logits_stay_within_llama_cpp_default_noise() {
     let peer = LlamaCpp::load(&path).expect("llama.cpp loads the default model");
     let file = GgufFile::open(&path).expect("open");
     let model = Llama::load(&file).expect("load");
-    let n_vocab = model.config.n_vocab;
-    let (mut worst, mut worst_self) = (0f32, 0f32);
-    let (mut positions, mut top1_same, mut top1_ties, mut self_flips) = (0, 0, 0, 0);
-    for prompt in prompts() {
-        let ids = peer.tokenize(prompt, true, true);
-        // llama.cpp, batched (every position's logits) and token by token.
-        let mut pc = peer.context(1024, 2, PeerMode::Default).expect("context");
-        let theirs = pc.eval(&ids, true).expect("eval");
-        pc.clear();
-        let theirs_seq: Vec<Vec<f32>> = ids
-            .iter()
-            .map(|&t| pc.eval(&[t], false).expect("eval").remove(0))
-            .collect();
-        let mut s = Session::new(&model, SessionConfig::new(1024, 2)).expect("session");
-        let ours = s.eval_all(&ids, true).expect("forward");
-        for (i, t) in theirs.iter().enumerate() {
-            let o = &ours[i * n_vocab..(i + 1) * n_vocab];
-            let (a, b) = (argmax(o), argmax(t));
-            if a == b {
-                top1_same += 1;
-            } else {
-                // Only where llama.cpp itself is within its own noise of a tie.
-                assert!(
-                    t[b as usize] - t[a as usize] < TIE,
-                    "top-1 differs at position {i} of {prompt:?}: ours {a}, llama.cpp {b}, {} apart",
-                    t[b as usize] - t[a as usize]
-                );
-                top1_ties += 1;
-            }
-            worst = worst.max(common::max_abs_diff(o, t));
-            worst_self = worst_self.max(common::max_abs_diff(t, &theirs_seq[i]));
-            self_flips += usize::from(argmax(t) != argmax(&theirs_seq[i]));
-        }
-        positions += ids.len();
-    }
-    eprintln!(
-        "llama.cpp defaults: {positions} positions, top-1 identical at {top1_same} ({top1_ties} near-ties); \
-         max |Δlogit| {worst:.4}; llama.cpp batched vs its own token-by-token: {worst_self:.4}, \
-         top-1 flips {self_flips}"
-    );
+    let r =
+        common::parity::against_llama_cpp_default("default model", &model, &peer, &prompts(), TIE);
+    let (positions, top1_ties, worst, worst_self) = (r.positions, r.ties, r.worst, r.worst_self);
     assert!(
         top1_ties * 20 <= positions,
         "{top1_ties} of {positions} prompt positions differ in top-1"

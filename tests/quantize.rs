@@ -242,7 +242,12 @@ fn logits_parity(path: &Path, label: &str) -> (f32, usize, usize) {
     let file = GgufFile::open(path).expect("open");
     let model = Llama::load(&file).expect("ffnskip loads our quantized file");
     let n_vocab = model.config.n_vocab;
-    let mut s = Session::new(&model, SessionConfig::new(64, 2)).expect("session");
+    // Exact batches: llama.cpp here runs one token per ubatch.
+    let config = SessionConfig {
+        exact_batches: true,
+        ..SessionConfig::new(64, 2)
+    };
+    let mut s = Session::new(&model, config).expect("session");
     let ours = s.eval_all(&ids, true).expect("forward");
     let (mut worst, mut same, mut ties) = (0f32, 0, 0);
     for (i, t) in theirs.iter().enumerate() {

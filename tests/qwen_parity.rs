@@ -18,7 +18,7 @@ mod common;
 
 use ffnskip::gguf::GgufFile;
 use ffnskip::model::Llama;
-use ffnskip::peer::{argmax, LlamaCpp, PeerMode};
+use ffnskip::peer::{LlamaCpp, PeerMode};
 use ffnskip::session::{Session, SessionConfig};
 
 use common::LONG;
@@ -68,43 +68,8 @@ fn within_llama_cpp_default_noise(name: &str) {
     let (path, file) = load(name);
     let model = Llama::load(&file).expect("load");
     let peer = LlamaCpp::load(&path).expect("llama.cpp loads the model");
-    let n_vocab = model.config.n_vocab;
-    let (mut worst, mut worst_self, mut positions, mut self_flips, mut ties) =
-        (0f32, 0f32, 0, 0, 0);
-    for prompt in prompts() {
-        let ids = peer.tokenize(prompt, true, true);
-        let mut pc = peer.context(1024, 2, PeerMode::Default).expect("context");
-        let theirs = pc.eval(&ids, true).expect("eval");
-        pc.clear();
-        let theirs_seq: Vec<Vec<f32>> = ids
-            .iter()
-            .map(|&t| pc.eval(&[t], false).expect("eval").remove(0))
-            .collect();
-        let mut s = Session::new(&model, SessionConfig::new(1024, 2)).expect("session");
-        let ours = s.eval_all(&ids, true).expect("forward");
-        for (i, t) in theirs.iter().enumerate() {
-            let o = &ours[i * n_vocab..(i + 1) * n_vocab];
-            let (a, b) = (argmax(o), argmax(t));
-            if a != b {
-                // Only where llama.cpp's batched logits are themselves a near-tie.
-                let margin = t[b as usize] - t[a as usize];
-                assert!(
-                    margin < TIE,
-                    "{name}: top-1 differs at position {i} of {prompt:?}: ours {a}, llama.cpp {b}, {margin} apart"
-                );
-                ties += 1;
-            }
-            worst = worst.max(common::max_abs_diff(o, t));
-            worst_self = worst_self.max(common::max_abs_diff(t, &theirs_seq[i]));
-            self_flips += usize::from(argmax(t) != argmax(&theirs_seq[i]));
-        }
-        positions += ids.len();
-    }
-    eprintln!(
-        "{name} vs llama.cpp defaults: {positions} positions, top-1 differs at {ties} near-ties; \
-         max |Δlogit| {worst:.4}; llama.cpp batched vs its own token-by-token: {worst_self:.4}, \
-         top-1 flips {self_flips}"
-    );
+    let r = common::parity::against_llama_cpp_default(name, &model, &peer, &prompts(), TIE);
+    let (worst, worst_self) = (r.worst, r.worst_self);
     assert!(
         worst <= worst_self,
         "{name}: max |Δlogit| {worst} exceeds llama.cpp's own batched-vs-sequential {worst_self}"

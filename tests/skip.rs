@@ -333,8 +333,13 @@ fn batched_equals_sequential_under_every_policy() {
             seed: 3,
             ..opts(policy, 0.3)
         };
+        // Exact batches, as `eval` runs them: teacher forcing must score what decoding does.
+        let exact = SessionConfig {
+            exact_batches: true,
+            ..config()
+        };
         let mut seq =
-            Session::with_controller(&model, config(), controller(&model, &o, Some(&profile)))
+            Session::with_controller(&model, exact, controller(&model, &o, Some(&profile)))
                 .unwrap();
         seq.prefill(&ids).unwrap();
         let mut seq_logits = Vec::new();
@@ -342,7 +347,7 @@ fn batched_equals_sequential_under_every_policy() {
             seq_logits.extend_from_slice(seq.decode(t).unwrap());
         }
         let mut bat =
-            Session::with_controller(&model, config(), controller(&model, &o, Some(&profile)))
+            Session::with_controller(&model, exact, controller(&model, &o, Some(&profile)))
                 .unwrap();
         bat.prefill(&ids).unwrap();
         let bat_logits = bat.eval_all(&cont, false).unwrap();

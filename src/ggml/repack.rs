@@ -258,23 +258,33 @@ impl Packed {
         self.layout.rows
     }
 
-    /// `out[r - rows.start] = dot(row r, act)` for one activation row `act` (quantized to the
-    /// matrix's vec_dot_type, `n_in` elements) and rows `rows` (whole groups).
-    pub fn gemv(&self, rows: std::ops::Range<usize>, act: &[u8], out: &mut [f32]) {
+    /// Checks that `rows` are whole groups inside the matrix and that `acts` holds `n_acts`
+    /// activation rows of the kernel's vec_dot_type; returns the bytes per weight row.
+    fn check(&self, rows: &std::ops::Range<usize>, acts: &[u8], n_acts: usize) -> usize {
         let g = self.layout.rows;
         assert!(
             rows.start.is_multiple_of(g) && rows.end.is_multiple_of(g) && rows.end <= self.n_out,
             "rows {rows:?} of a {}-row matrix in groups of {g}",
             self.n_out
         );
-        assert_eq!(out.len(), rows.len(), "output length");
         let vdt = super::kernels(self.layout.ty).map(|k| k.vec_dot_type);
         let act_bytes = vdt.and_then(|t| t.row_bytes(self.n_in as u64));
-        assert_eq!(act_bytes, Some(act.len() as u64), "activation row bytes");
+        assert_eq!(
+            act_bytes.map(|b| b * n_acts as u64),
+            Some(acts.len() as u64),
+            "activation bytes"
+        );
+        self.len / self.n_out
+    }
+
+    /// `out[r - rows.start] = dot(row r, act)` for one activation row `act` (quantized to the
+    /// matrix's vec_dot_type, `n_in` elements) and rows `rows` (whole groups).
+    pub fn gemv(&self, rows: std::ops::Range<usize>, act: &[u8], out: &mut [f32]) {
+        assert_eq!(out.len(), rows.len(), "output length");
+        let row_bytes = self.check(&rows, act, 1);
         if rows.is_empty() {
             return;
         }
-        let row_bytes = self.len / self.n_out;
         // SAFETY: rows lie within the matrix in whole groups (checked), so the weights read
         // are [start*row_bytes, end*row_bytes) of the packed buffer (a group of g rows is
         // g*row_bytes bytes in the interleaved layout too); `act` is one activation row of
@@ -295,25 +305,12 @@ impl Packed {
     /// `out[a * rows.len() + (r - rows.start)] = dot(row r, activation a)` for `n_acts` (a
     /// multiple of 4) activations packed by [`quantize4`] and rows `rows` (whole groups).
     pub fn gemm(&self, rows: std::ops::Range<usize>, acts: &[u8], n_acts: usize, out: &mut [f32]) {
-        let g = self.layout.rows;
-        assert!(
-            rows.start.is_multiple_of(g) && rows.end.is_multiple_of(g) && rows.end <= self.n_out,
-            "rows {rows:?} of a {}-row matrix in groups of {g}",
-            self.n_out
-        );
         assert!(n_acts.is_multiple_of(4), "{n_acts} activations");
         assert_eq!(out.len(), rows.len() * n_acts, "output length");
-        let vdt = super::kernels(self.layout.ty).map(|k| k.vec_dot_type);
-        let act_bytes = vdt.and_then(|t| t.row_bytes(self.n_in as u64));
-        assert_eq!(
-            act_bytes.map(|b| b * n_acts as u64),
-            Some(acts.len() as u64),
-            "activation bytes"
-        );
+        let row_bytes = self.check(&rows, acts, n_acts);
         if rows.is_empty() || n_acts == 0 {
             return;
         }
-        let row_bytes = self.len / self.n_out;
         // SAFETY: as in `gemv`; `acts` holds `n_acts` packed activations (checked) and `out`
         // `n_acts` rows of `rows.len()` floats, the kernel's output stride.
         unsafe {

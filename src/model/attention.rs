@@ -12,7 +12,12 @@
 //! with libm's `expf`. The summation orders (q·k over blocks of keys, the online softmax, the
 //! f16 accumulator steps) are in `ggml::order`; this file splits the work and feeds them.
 //! A row's result depends only on its q and the cache, never on the other
-//! rows of its batch, so batched prefill gives the same bits as token-by-token decode.
+//! rows of its batch, so exact batched prefill gives the same bits as token-by-token decode.
+//!
+//! That is the exact path: decoding, and batches with `exact` (`SessionConfig::exact_batches`).
+//! Other batches take a fast path, as llama.cpp's batched prompts do (its tiled kernel): q·k
+//! in f32 for eight rows of a head at once, softmax and value sum in f32
+//! ([`softmax_values_f32`]); results differ from the exact path in the last places.
 //!
 //! llama.cpp takes other routes for some shapes: a tiled kernel for ubatches of ≥ 64 rows, and
 //! for single-token batches over ≥ 512 cached positions the KV range split across threads
@@ -28,7 +33,8 @@ use crate::tensor::{par_split, MAX_SPLITS};
 
 /// One attention worker's buffers.
 pub struct AttnScratch {
-    /// q of one head rounded to f16 `[head_dim]`, and the same widened back to f32.
+    /// q of one head rounded to f16 `[head_dim]`, and up to `FAST_ROWS` of them widened back
+    /// to f32 `[FAST_ROWS, head_dim]`.
     q16: Vec<f16>,
     q: Vec<f32>,
     /// Keys of the KV head last used, widened to f32 and transposed: `[head_dim, stride]`,
@@ -36,10 +42,13 @@ pub struct AttnScratch {
     keys_t: Vec<f32>,
     /// The KV head whose keys `keys_t` holds.
     loaded: Option<usize>,
-    /// Raw q·k of up to `MAX_ROWS` (head, row) items `[MAX_ROWS, n_ctx rounded up to QK_BLOCK]`.
+    /// Raw q·k of up to `FAST_ROWS` (head, row) items `[FAST_ROWS, n_ctx rounded up to
+    /// QK_BLOCK]` (softmax weights in place on the fast path).
     scores: Vec<f32>,
-    /// Their f16 value accumulators `[MAX_ROWS, head_dim]`.
+    /// The exact path's f16 value accumulators `[MAX_ROWS, head_dim]`.
     acc: Vec<f16>,
+    /// One value row widened to f32 `[head_dim]` (fast path).
+    v32: Vec<f32>,
 }
 
 impl AttnScratch {
@@ -47,12 +56,114 @@ impl AttnScratch {
         let padded = n_ctx.next_multiple_of(QK_BLOCK);
         AttnScratch {
             q16: vec![f16::ZERO; head_dim],
-            q: vec![0.0; head_dim],
+            q: vec![0.0; FAST_ROWS * head_dim],
             keys_t: vec![0.0; padded * head_dim],
             loaded: None,
-            scores: vec![0.0; MAX_ROWS * padded],
+            scores: vec![0.0; FAST_ROWS * padded],
             acc: vec![f16::ZERO; MAX_ROWS * head_dim],
+            v32: vec![0.0; head_dim],
         }
+    }
+}
+
+/// Query rows per group on the fast path.
+const FAST_ROWS: usize = 8;
+
+/// Softmax and weighted value sum in f32 for rows of one head whose batch need not match
+/// decoding, as llama.cpp's tiled kernel for batched prompts computes them (f32 accumulators;
+/// its bits and ours differ from one-token decoding, and from each other, in the last places).
+/// Row `j` holds raw q·k for its first `lens[j]` positions in `w[j·stride..]` (overwritten
+/// with its weights); `values` is `[≥ max len, hd]`, `out` `[rows, hd]`.
+fn softmax_values_f32(
+    w: &mut [f32],
+    stride: usize,
+    lens: &[usize],
+    scale: f32,
+    values: &[f16],
+    v32: &mut [f32],
+    out: &mut [f32],
+) {
+    use half::slice::HalfFloatSliceExt;
+    let hd = v32.len();
+    let n_max = lens.iter().copied().max().unwrap_or(0);
+    let mut inv = [0f32; FAST_ROWS];
+    for ((wj, &len), inv) in w.chunks_exact_mut(stride).zip(lens).zip(&mut inv) {
+        let m = wj[..len]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+        let mut sum = 0f32;
+        for x in &mut wj[..len] {
+            *x = (*x * scale - m).exp();
+            sum += *x;
+        }
+        wj[len..n_max].fill(0.0);
+        *inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    }
+    out.fill(0.0);
+    for (p, v) in values.chunks_exact(hd).take(n_max).enumerate() {
+        v.convert_to_f32_slice(v32);
+        for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+            let wp = w[j * stride + p];
+            if wp != 0.0 {
+                axpy(o, v32, wp);
+            }
+        }
+    }
+    for (o, &inv) in out.chunks_exact_mut(hd).zip(&inv) {
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// Raw q·k in f32 for up to `FAST_ROWS` query rows at once (`qs`: `[rows, hd]`) over the
+/// first `n` keys of `kt` (transposed, `kt[d·stride + p]`, `stride` a multiple of 16): `w[j·w_stride + p]`. Each key is
+/// read once for all rows (the fast path's order, not ggml's one-token dot order).
+fn scores_f32(
+    qs: &[f32],
+    hd: usize,
+    kt: &[f32],
+    stride: usize,
+    n: usize,
+    w: &mut [f32],
+    w_stride: usize,
+) {
+    const LANES: usize = 16;
+    let rows = qs.len() / hd;
+    for p0 in (0..n).step_by(LANES) {
+        let mut acc = [[0f32; LANES]; FAST_ROWS];
+        for d in 0..hd {
+            let k: &[f32; LANES] = kt[d * stride + p0..][..LANES].try_into().expect("16 keys");
+            for (a, q) in acc.iter_mut().zip(qs.chunks_exact(hd)) {
+                let qd = q[d];
+                for (x, &kv) in a.iter_mut().zip(k) {
+                    *x = fma(kv, qd, *x);
+                }
+            }
+        }
+        let m = LANES.min(n - p0);
+        for (r, a) in acc.iter().enumerate().take(rows) {
+            w[r * w_stride + p0..][..m].copy_from_slice(&a[..m]);
+        }
+    }
+}
+
+/// `a·b + c`, fused where the CPU has FMA.
+#[inline(always)]
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(target_feature = "fma")]
+    {
+        a.mul_add(b, c)
+    }
+    #[cfg(not(target_feature = "fma"))]
+    {
+        a * b + c
+    }
+}
+
+/// `y += x·a`, fused where the CPU has FMA.
+#[inline(always)]
+fn axpy(y: &mut [f32], x: &[f32], a: f32) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = fma(x, a, *y);
     }
 }
 
@@ -69,8 +180,12 @@ impl Llama<'_> {
         q: &[f32],
         out: &mut [f32],
         scratch: &mut [AttnScratch],
+        exact: bool,
     ) {
         let c = &self.config;
+        // A single row (decode) always takes ggml's one-token path.
+        let exact = exact || positions.len() == 1;
+        let per_group = if exact { MAX_ROWS } else { FAST_ROWS };
         let (nh, hd, d) = (c.n_head, c.head_dim, c.n_embd);
         let b = positions.len();
         let group = c.n_head / c.n_head_kv;
@@ -109,15 +224,15 @@ impl Llama<'_> {
         }
         let n_total = positions[b - 1] + 1;
         let stride = n_total.next_multiple_of(QK_BLOCK);
-        let padded = scratch[0].scores.len() / MAX_ROWS;
+        let padded = scratch[0].scores.len() / FAST_ROWS;
         let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
             sc.loaded = None;
-            // Consecutive items of one head (rows in order) in groups of up to MAX_ROWS: their
-            // scores one by one, then their softmax chains interleaved.
+            // Consecutive items of one head (rows in order) in groups: their scores one by one,
+            // then their softmax chains interleaved (exact) or one f32 softmax pass (fast).
             let mut g0 = lo;
             while g0 < hi {
                 let h = g0 / b;
-                let g1 = hi.min((h + 1) * b).min(g0 + MAX_ROWS);
+                let g1 = hi.min((h + 1) * b).min(g0 + per_group);
                 let kvh = h / group;
                 let keys = cache.keys(l, kvh, n_total);
                 if order != DotOrder::Call && sc.loaded != Some(kvh) {
@@ -128,11 +243,17 @@ impl Llama<'_> {
                     }
                     sc.loaded = Some(kvh);
                 }
+                let fast_scores = !exact && order != DotOrder::Call;
                 for (j, item) in (g0..g1).enumerate() {
                     let row = item % b;
                     let n = positions[row] + 1;
+                    let qj = &mut sc.q[j * hd..(j + 1) * hd];
                     ggml::f32_to_f16(&q[row * d + h * hd..row * d + (h + 1) * hd], &mut sc.q16);
-                    ggml::f16_to_f32(&sc.q16, &mut sc.q);
+                    ggml::f16_to_f32(&sc.q16, qj);
+                    if fast_scores {
+                        continue;
+                    }
+                    let qj = &sc.q[j * hd..(j + 1) * hd];
                     let scores = &mut sc.scores[j * padded..(j + 1) * padded];
                     let nb = n.next_multiple_of(QK_BLOCK);
                     // nb is a multiple of QK_BLOCK, so there is no remainder.
@@ -140,10 +261,10 @@ impl Llama<'_> {
                     let blocks = blocks.iter_mut().enumerate();
                     match order {
                         DotOrder::Lanes16 => blocks.for_each(|(jb, s)| {
-                            score_block::<16>(&sc.q, &sc.keys_t[jb * QK_BLOCK..], stride, s)
+                            score_block::<16>(qj, &sc.keys_t[jb * QK_BLOCK..], stride, s)
                         }),
                         DotOrder::Lanes8 => blocks.for_each(|(jb, s)| {
-                            score_block::<8>(&sc.q, &sc.keys_t[jb * QK_BLOCK..], stride, s)
+                            score_block::<8>(qj, &sc.keys_t[jb * QK_BLOCK..], stride, s)
                         }),
                         DotOrder::Call => {
                             for (s, k) in scores[..n].iter_mut().zip(keys.chunks_exact(hd)) {
@@ -153,25 +274,101 @@ impl Llama<'_> {
                     }
                 }
                 let rows = g1 - g0;
-                let mut lens = [0usize; MAX_ROWS];
+                let mut lens = [0usize; FAST_ROWS];
                 for (j, item) in (g0..g1).enumerate() {
                     lens[j] = positions[item % b] + 1;
                 }
                 let n_max = lens[..rows].iter().copied().max().unwrap_or(0);
+                if fast_scores {
+                    let (qs, w) = (&sc.q[..rows * hd], &mut sc.scores[..rows * padded]);
+                    scores_f32(qs, hd, &sc.keys_t, stride, n_max, w, padded);
+                }
+                let values = cache.values(l, kvh, n_max);
+                let o = &mut chunk[(g0 - lo) * hd..(g1 - lo) * hd];
+                if !exact {
+                    let w = &mut sc.scores[..rows * padded];
+                    softmax_values_f32(w, padded, &lens[..rows], scale, values, &mut sc.v32, o);
+                    g0 = g1;
+                    continue;
+                }
                 let mut s: [&[f32]; MAX_ROWS] = [&[]; MAX_ROWS];
                 for (j, (sj, len)) in s.iter_mut().zip(lens).take(rows).enumerate() {
                     *sj = &sc.scores[j * padded..j * padded + len];
                 }
-                order::softmax_values_rows(
-                    &s[..rows],
-                    scale,
-                    cache.values(l, kvh, n_max),
-                    &mut sc.acc[..rows * hd],
-                    &mut chunk[(g0 - lo) * hd..(g1 - lo) * hd],
-                );
+                order::softmax_values_rows(&s[..rows], scale, values, &mut sc.acc[..rows * hd], o);
                 g0 = g1;
             }
         };
         par_split(out, &mut scratch[..splits], &bounds[..=splits], hd, &run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast path (f32 q·k for 8 rows at once, f32 softmax and value sum) against the
+    /// definition in f64, for causal rows of unequal length.
+    #[test]
+    fn fast_path_matches_softmax_attention_in_f64() {
+        let (hd, n, rows) = (64usize, 100usize, 5usize);
+        let stride = n.next_multiple_of(QK_BLOCK);
+        let mut seed = 1u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let keys: Vec<f32> = (0..n * hd).map(|_| next()).collect();
+        let values: Vec<f16> = (0..n * hd).map(|_| f16::from_f32(next())).collect();
+        let qs: Vec<f32> = (0..rows * hd).map(|_| 3.0 * next()).collect();
+        let mut kt = vec![0f32; stride * hd];
+        for p in 0..n {
+            for d in 0..hd {
+                kt[d * stride + p] = keys[p * hd + d];
+            }
+        }
+        let lens: Vec<usize> = (0..rows).map(|r| n - rows + 1 + r).collect();
+        let mut w = vec![f32::NAN; FAST_ROWS * stride];
+        scores_f32(&qs, hd, &kt, stride, n, &mut w, stride);
+        let (mut v32, mut out) = (vec![0f32; hd], vec![0f32; rows * hd]);
+        let scale = 0.125;
+        softmax_values_f32(
+            &mut w[..rows * stride],
+            stride,
+            &lens,
+            scale,
+            &values,
+            &mut v32,
+            &mut out,
+        );
+        for (r, &len) in lens.iter().enumerate() {
+            let q = &qs[r * hd..(r + 1) * hd];
+            let s: Vec<f64> = (0..len)
+                .map(|p| {
+                    let k = &keys[p * hd..(p + 1) * hd];
+                    q.iter()
+                        .zip(k)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..hd {
+                let want: f64 = (0..len)
+                    .map(|p| e[p] * values[p * hd + d].to_f64())
+                    .sum::<f64>()
+                    / sum;
+                let got = out[r * hd + d] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "row {r}, dim {d}: {got} vs {want}"
+                );
+            }
+        }
     }
 }

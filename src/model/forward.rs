@@ -116,7 +116,8 @@ pub struct Scratch {
     logits_all: Vec<f32>,
     pub times: StageTimes,
     /// Batches give the bits of the same rows decoded one at a time: products whose GEMM
-    /// would differ run row by row (`SessionConfig::exact_batches`).
+    /// would differ run row by row, attention takes the one-token path (on by default here;
+    /// a `Session` sets it from `SessionConfig::exact_batches`).
     pub batch_exact: bool,
 }
 
@@ -153,7 +154,7 @@ impl Scratch {
             logits_mm: Vec::new(),
             logits_all: Vec::new(),
             times: StageTimes::default(),
-            batch_exact: false,
+            batch_exact: true,
         }
     }
 
@@ -418,6 +419,7 @@ impl Llama<'_> {
             &s.q[..na * d],
             &mut s.att_hm[..na * d],
             &mut s.attn,
+            s.batch_exact,
         );
         for (h, block) in s.att_hm[..na * d].chunks_exact(na * hd).enumerate() {
             for (j, src) in block.chunks_exact(hd).enumerate() {

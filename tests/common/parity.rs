@@ -70,3 +70,71 @@ pub fn prompt_and_greedy_identical(
     );
     ids.len()
 }
+
+/// ffnskip's batched logits against llama.cpp's default (batched) evaluation of the same
+/// prompts, with llama.cpp's own batched-vs-token-by-token difference as the yardstick.
+pub struct DefaultNoise {
+    pub positions: usize,
+    /// Positions whose top-1 differs from llama.cpp's (each a near-tie there).
+    pub ties: usize,
+    /// max |Δlogit|, ffnskip vs llama.cpp batched.
+    pub worst: f32,
+    /// max |Δlogit|, llama.cpp batched vs llama.cpp token by token, and its top-1 flips.
+    pub worst_self: f32,
+    pub self_flips: usize,
+}
+
+/// Runs `prompts` through both engines; a top-1 difference must be a near-tie (under `tie`
+/// logits apart) in llama.cpp's batched logits. `tag` names the model in failure messages.
+pub fn against_llama_cpp_default(
+    tag: &str,
+    model: &Llama,
+    peer: &LlamaCpp,
+    prompts: &[&str],
+    tie: f32,
+) -> DefaultNoise {
+    let n_vocab = model.config.n_vocab;
+    let mut r = DefaultNoise {
+        positions: 0,
+        ties: 0,
+        worst: 0.0,
+        worst_self: 0.0,
+        self_flips: 0,
+    };
+    for prompt in prompts {
+        let ids = peer.tokenize(prompt, true, true);
+        // llama.cpp, batched (every position's logits) and token by token.
+        let mut pc = peer.context(1024, 2, PeerMode::Default).expect("context");
+        let theirs = pc.eval(&ids, true).expect("eval");
+        pc.clear();
+        let theirs_seq: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|&t| pc.eval(&[t], false).expect("eval").remove(0))
+            .collect();
+        let mut s = Session::new(model, SessionConfig::new(1024, 2)).expect("session");
+        let ours = s.eval_all(&ids, true).expect("forward");
+        for (i, t) in theirs.iter().enumerate() {
+            let o = &ours[i * n_vocab..(i + 1) * n_vocab];
+            let (a, b) = (argmax(o), argmax(t));
+            if a != b {
+                // Only where llama.cpp's batched logits are themselves a near-tie.
+                let margin = t[b as usize] - t[a as usize];
+                assert!(
+                    margin < tie,
+                    "{tag}: top-1 differs at position {i} of {prompt:?}: ours {a}, llama.cpp {b}, {margin} apart"
+                );
+                r.ties += 1;
+            }
+            r.worst = r.worst.max(super::max_abs_diff(o, t));
+            r.worst_self = r.worst_self.max(super::max_abs_diff(t, &theirs_seq[i]));
+            r.self_flips += usize::from(argmax(t) != argmax(&theirs_seq[i]));
+        }
+        r.positions += ids.len();
+    }
+    eprintln!(
+        "{tag} vs llama.cpp defaults: {} positions, top-1 differs at {} near-ties; max |Δlogit| \
+         {:.4}; llama.cpp batched vs its own token-by-token: {:.4}, top-1 flips {}",
+        r.positions, r.ties, r.worst, r.worst_self, r.self_flips
+    );
+    r
+}
