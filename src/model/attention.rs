@@ -167,21 +167,33 @@ fn axpy(y: &mut [f32], x: &[f32], a: f32) {
     }
 }
 
+/// A batch's query rows for [`Llama::attention`].
+pub(super) struct Queries<'a> {
+    /// `[B, n_embd]`, after RoPE.
+    pub q: &'a [f32],
+    /// Each row's position, ascending; its key and value are already in the cache.
+    pub positions: &'a [usize],
+    /// Take ggml's one-token path even for a batch (see the module comment).
+    pub exact: bool,
+}
+
 impl Llama<'_> {
-    /// Causal attention of `q` (`[B, n_embd]`, rows at ascending `positions`, already in the
-    /// cache) over layer `l`'s cache, into `out` (`[n_head, B, head_dim]`). Work items are
-    /// (head, row) pairs split across threads in contiguous ranges of equal cost (∝ attended
-    /// positions).
+    /// Causal attention of the query rows over layer `l`'s cache, into `out`
+    /// (`[n_head, B, head_dim]`). Work items are (head, row) pairs split across threads in
+    /// contiguous ranges of equal cost (∝ attended positions).
     pub(super) fn attention(
         &self,
         l: usize,
         cache: &KvCache,
-        positions: &[usize],
-        q: &[f32],
+        rows: Queries,
         out: &mut [f32],
         scratch: &mut [AttnScratch],
-        exact: bool,
     ) {
+        let Queries {
+            q,
+            positions,
+            exact,
+        } = rows;
         let c = &self.config;
         // A single row (decode) always takes ggml's one-token path.
         let exact = exact || positions.len() == 1;

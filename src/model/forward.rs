@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::attention::AttnScratch;
+use super::attention::{AttnScratch, Queries};
 use super::{KvCache, Llama};
 use crate::ggml;
 use crate::ggml::order::rms_norm;
@@ -412,15 +412,12 @@ impl Llama<'_> {
         }
 
         // Flash attention: [n_head, na, head_dim], then heads merged: [na, n_embd].
-        self.attention(
-            l,
-            cache,
-            &s.act_pos,
-            &s.q[..na * d],
-            &mut s.att_hm[..na * d],
-            &mut s.attn,
-            s.batch_exact,
-        );
+        let rows = Queries {
+            q: &s.q[..na * d],
+            positions: &s.act_pos,
+            exact: s.batch_exact,
+        };
+        self.attention(l, cache, rows, &mut s.att_hm[..na * d], &mut s.attn);
         for (h, block) in s.att_hm[..na * d].chunks_exact(na * hd).enumerate() {
             for (j, src) in block.chunks_exact(hd).enumerate() {
                 s.att[j * d + h * hd..j * d + (h + 1) * hd].copy_from_slice(src);
