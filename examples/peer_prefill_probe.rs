@@ -1,10 +1,14 @@
-//! llama.cpp's 512-token prefill on the default model, 10 times (min and median), for profiling
-//! against `prefill_probe` (e.g. under `perf record`). `REFERENCE=1` runs llama.cpp in the
+//! llama.cpp's 512-token prefill on the default model (or the GGUF path given as the first
+//! argument), 10 times (min and median), for profiling against `prefill_probe` (e.g. under
+//! `perf record`). `REFERENCE=1` runs llama.cpp in the
 //! bit-exact oracle configuration (32-row ubatches) instead of its defaults.
 use ffnskip::peer::{LlamaCpp, PeerMode};
 use std::time::Instant;
 fn main() -> anyhow::Result<()> {
-    let path = ffnskip::fetch::default_model()?;
+    let path = match std::env::args_os().nth(1) {
+        Some(p) => p.into(),
+        None => ffnskip::fetch::default_model()?,
+    };
     let peer = LlamaCpp::load(&path)?;
     let mode = if std::env::var_os("REFERENCE").is_some() {
         PeerMode::Reference { ubatch: 32 }

@@ -1,16 +1,22 @@
-//! ffnskip's 512-token prefill on the default model with 2 threads, 10 times, with the stage
-//! times (attention, FFN, head), min and median; `peer_prefill_probe` is the llama.cpp side.
+//! ffnskip's 512-token prefill on the default model (or the GGUF path given as the first
+//! argument) with 2 threads, 10 times, with the stage times (attention, FFN, head), min and
+//! median; `peer_prefill_probe` is the llama.cpp side.
 use ffnskip::gguf::GgufFile;
 use ffnskip::model::{Batch, Llama, Logits, Scratch};
 use ffnskip::skip::NoSkip;
 use std::time::Instant;
 fn main() -> anyhow::Result<()> {
-    let path = ffnskip::fetch::default_model()?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
+    let path = match std::env::args_os().nth(1) {
+        Some(p) => p.into(),
+        None => ffnskip::fetch::default_model()?,
+    };
+    let pool = ffnskip::team::Team::new(2)?;
     let f = GgufFile::open(&path)?;
     let m = Llama::load(&f)?;
     let mut cache = m.new_cache(1024);
     let mut s = pool.install(|| Scratch::new(&m, 512, 1024));
+    // As a session's prompt (SessionConfig::exact_batches off).
+    s.batch_exact = false;
     let toks: Vec<u32> = (0..512).map(|i| (i * 37 % 40000 + 100) as u32).collect();
     let mut all = Vec::new();
     for _ in 0..10 {

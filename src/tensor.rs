@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use crate::ggml::repack::Packed;
-use crate::ggml::sgemm;
 use crate::ggml::{self, Kernels};
+use crate::ggml::{mul_mat_op, sgemm};
 use crate::gguf::{ErrorKind, GgmlType, GgufFile, Result};
 
 #[derive(Clone)]
@@ -109,6 +109,12 @@ impl<'a> Matrix<'a> {
                 .is_some_and(|p| !exact || p.gemm_matches_gemv())
     }
 
+    /// Whether ggml runs a product over `batch` rows itself ([`mul_mat_op`]: its tiled K-quant
+    /// GEMM), from the f32 rows; never with `exact`, whose bits must equal decoding's.
+    pub fn ggml_runs(&self, batch: usize, exact: bool) -> bool {
+        !exact && self.packed.is_none() && mul_mat_op::takes(self.ty, batch)
+    }
+
     /// Quantizes `batch` rows of `x` (`[batch, n_in]`) to this matrix's vec_dot_type; with
     /// `fours`, the first `batch − batch % 4` rows packed four at a time for ggml's GEMM and
     /// the rest row by row, as llama.cpp's `forward_mul_mat` lays them out (same bytes).
@@ -178,6 +184,36 @@ impl<'a> Matrix<'a> {
         let arb = self.act_row_bytes();
         let acts = &act.data[..arb * batch];
         let packed = self.packed.as_deref();
+        if let Some(x) = act.src.filter(|_| self.ggml_runs(batch, false)) {
+            let rb = self.row_bytes();
+            let w = &self.data[rows.start * rb..rows.end * rb];
+            let nr = rows.len();
+            let done = mul_mat_op::OUT.with(|t| {
+                let mut t = t.borrow_mut();
+                if t.len() < nr * batch {
+                    t.resize(nr * batch, 0.0);
+                }
+                let t = &mut t[..nr * batch];
+                let ok =
+                    mul_mat_op::mul_mat(self.ty, self.n_in, w, &x[..batch * self.n_in], batch, t);
+                if ok {
+                    // [batch, nr] → [nr, batch].
+                    for (b, tb) in t.chunks_exact(nr).enumerate() {
+                        for (i, v) in tb.iter().enumerate() {
+                            out[i * batch + b] = *v;
+                        }
+                    }
+                }
+                ok
+            });
+            if done {
+                return;
+            }
+            // ggml could not set the op up; the forward pass skipped quantizing for it.
+            let mut q = vec![0u8; arb * batch];
+            quantize_rows(&self.kernels, &x[..batch * self.n_in], self.n_in, &mut q);
+            return self.product_rows(rows, Acts::rows(&q), batch, out);
+        }
         let tiny = packed.is_none() && batch >= 2 && sgemm::supports(self.ty);
         if packed.is_none() && !tiny {
             let rb = self.row_bytes();
@@ -251,12 +287,19 @@ pub fn act_row_bytes(vec_dot_type: GgmlType, n: usize) -> usize {
 pub struct Acts<'a> {
     pub data: &'a [u8],
     pub fours: bool,
+    /// The rows before quantization (`[batch, n_in]`), for products ggml may run itself on
+    /// a batch that need not equal decoding ([`crate::ggml::mul_mat_op`]); `None` otherwise.
+    pub src: Option<&'a [f32]>,
 }
 
 impl<'a> Acts<'a> {
     /// Rows one after another (`tensor::quantize_rows`).
     pub fn rows(data: &'a [u8]) -> Self {
-        Acts { data, fours: false }
+        Acts {
+            data,
+            fours: false,
+            src: None,
+        }
     }
 }
 
@@ -280,7 +323,16 @@ pub fn matmul_group(mats: &[(&Matrix, Acts)], batch: usize, out: &mut [f32]) {
     // Chunks of equal weight bytes, a few per thread when the product is large enough, so
     // dynamic claiming evens out threads that run slower (other work, mixed types).
     let threads = crate::team::current_threads().clamp(1, MAX_SPLITS);
-    let threads = (threads * CHUNKS_PER_THREAD)
+    // ggml's own op quantizes the whole batch per call: one chunk per thread.
+    let per_thread = if mats
+        .iter()
+        .any(|(m, a)| a.src.is_some() && m.ggml_runs(batch, false))
+    {
+        1
+    } else {
+        CHUNKS_PER_THREAD
+    };
+    let threads = (threads * per_thread)
         .min(total_bytes / MIN_CHUNK_BYTES)
         .clamp(threads, MAX_SPLITS);
     // Row boundaries (in the concatenated row space) of each chunk, by bytes.

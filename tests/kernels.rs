@@ -539,7 +539,20 @@ fn gemm_layout_products_match_row_by_row() {
             m.quantize_acts(&x, batch, fours, &mut a);
             let mut out = vec![f32::NAN; n_out * batch];
             let team = ffnskip::team::Team::new(2).unwrap();
-            team.install(|| matmul_group(&[(&m, Acts { data: &a, fours })], batch, &mut out));
+            team.install(|| {
+                matmul_group(
+                    &[(
+                        &m,
+                        Acts {
+                            data: &a,
+                            fours,
+                            src: None,
+                        },
+                    )],
+                    batch,
+                    &mut out,
+                )
+            });
             out
         };
         let (gemm, rows) = (run(true), run(false));
@@ -588,5 +601,40 @@ fn tinyblas_equals_vec_dot_row_by_row() {
                 "{ty}: row {o}, activation {b}"
             );
         }
+    }
+}
+
+/// ggml running one `ggml_mul_mat` itself on this thread (its tiled K-quant GEMM for a batch
+/// of ≥ 8 rows, as llama.cpp does for Q6_K/Q5_K/…): close to `vec_dot` row by row, not equal.
+#[test]
+fn ggml_mul_mat_op_matches_vec_dot_within_summation_noise() {
+    use ffnskip::ggml::mul_mat_op;
+    let (n_in, n_out, batch) = (512, 48, 9);
+    let mut rng = Lcg(21);
+    let w = weights(&mut rng, n_in, n_out);
+    let x = activations(&mut rng, n_in, batch);
+    for ty in [GgmlType::Q6_K, GgmlType::Q5_K, GgmlType::Q4_K] {
+        assert!(mul_mat_op::takes(ty, 8) || !cfg!(target_arch = "x86_64"));
+        assert!(!mul_mat_op::takes(ty, 7) && !mul_mat_op::takes(GgmlType::Q8_0, 8));
+        let q = ggml::quantize(ty, &w, n_in).unwrap();
+        let m = Matrix::from_raw(ty, n_in, n_out, &q).unwrap();
+        let mut op = vec![f32::NAN; batch * n_out];
+        assert!(
+            mul_mat_op::mul_mat(ty, n_in, &q, &x, batch, &mut op),
+            "{ty}"
+        );
+        let one = product(&m, &x, batch, 1);
+        let mut worst = 0f64;
+        for (i, v) in one.iter().enumerate() {
+            let (o, b) = (i / batch, i % batch);
+            let (_, abs_wx) = bound(
+                m.vec_dot_type(),
+                &w[o * n_in..(o + 1) * n_in],
+                &x[b * n_in..(b + 1) * n_in],
+            );
+            worst = worst.max((op[b * n_out + o] - v).abs() as f64 / abs_wx);
+        }
+        eprintln!("{ty}: ggml's op vs vec_dot, worst |Δ|/Σ|w·x| {worst:e}");
+        assert!(worst < 1e-6, "{ty}: {worst:e}");
     }
 }

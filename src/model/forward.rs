@@ -192,6 +192,10 @@ fn quantize_for(
     let mut done: [Option<(GgmlType, bool)>; 3] = [None; 3];
     for (i, m) in mats.iter().enumerate() {
         let key = (m.vec_dot_type(), m.uses_gemm(batch, exact));
+        if m.ggml_runs(batch, exact) {
+            // ggml quantizes the f32 rows itself.
+            continue;
+        }
         let slot = match done.iter().position(|d| *d == Some(key)) {
             Some(s) => s,
             None => {
@@ -206,11 +210,18 @@ fn quantize_for(
     slots
 }
 
-/// The activations `quantize_for` put in `slot`.
-fn acts_in(acts: &[Vec<u8>; 3], (slot, fours): (usize, bool)) -> Acts<'_> {
+/// The activations `quantize_for` put in `slot`, with their f32 rows `x` when the batch need
+/// not equal decoding (`exact` off; ggml may then run the product itself).
+fn acts_in<'a>(
+    acts: &'a [Vec<u8>; 3],
+    (slot, fours): (usize, bool),
+    x: &'a [f32],
+    exact: bool,
+) -> Acts<'a> {
     Acts {
         data: &acts[slot],
         fours,
+        src: (!exact).then_some(x),
     }
 }
 
@@ -365,7 +376,7 @@ impl Llama<'_> {
         let slots = quantize_for(mats, &s.xn[..b * d], b, s.batch_exact, &mut s.acts);
         let mut group = [(qkv[0], Acts::rows(&[])); 3];
         for ((g, &m), &slot) in group.iter_mut().zip(mats).zip(&slots) {
-            *g = (m, acts_in(&s.acts, slot));
+            *g = (m, acts_in(&s.acts, slot, &s.xn[..b * d], s.batch_exact));
         }
         let mm = &mut s.mm[..(q_rows + 2 * kv) * b];
         matmul_group(&group[..mats.len()], b, mm);
@@ -434,7 +445,10 @@ impl Llama<'_> {
         );
         let attn_out = &mut s.mm[..d * na];
         matmul_group(
-            &[(&lw.attn_output, acts_in(&s.acts, slots[0]))],
+            &[(
+                &lw.attn_output,
+                acts_in(&s.acts, slots[0], &s.att[..na * d], s.batch_exact),
+            )],
             na,
             attn_out,
         );
@@ -471,8 +485,14 @@ impl Llama<'_> {
         let mm = &mut s.mm[..2 * ff * r];
         matmul_group(
             &[
-                (gate_up[0], acts_in(&s.acts, slots[0])),
-                (gate_up[1], acts_in(&s.acts, slots[1])),
+                (
+                    gate_up[0],
+                    acts_in(&s.acts, slots[0], &s.xn[..r * d], s.batch_exact),
+                ),
+                (
+                    gate_up[1],
+                    acts_in(&s.acts, slots[1], &s.xn[..r * d], s.batch_exact),
+                ),
             ],
             r,
             mm,
@@ -505,7 +525,8 @@ impl Llama<'_> {
             &mut s.acts,
         );
         let ffn_out = &mut s.mm[..d * r];
-        matmul_group(&[(&lw.ffn_down, acts_in(&s.acts, slots[0]))], r, ffn_out);
+        let acts = acts_in(&s.acts, slots[0], &s.xn[..r * ff], s.batch_exact);
+        matmul_group(&[(&lw.ffn_down, acts)], r, ffn_out);
         tensor::add_transposed(ffn_out, d, &s.ffn_rows, &mut s.x);
 
         if observe {
@@ -543,7 +564,10 @@ impl Llama<'_> {
         // result_output: [n_vocab, n], then [n, n_vocab] for more than one row.
         let out = &self.weights.output;
         let slots = quantize_for(&[out], &s.xn[..n * d], n, s.batch_exact, &mut s.acts);
-        let group = [(out, acts_in(&s.acts, slots[0]))];
+        let group = [(
+            out,
+            acts_in(&s.acts, slots[0], &s.xn[..n * d], s.batch_exact),
+        )];
         let result: &[f32] = if n == 1 {
             matmul_group(&group, 1, &mut s.logits);
             &s.logits
