@@ -71,6 +71,12 @@ fn logits_stay_within_llama_cpp_default_noise() {
         worst <= 2.0 * worst_self.max(0.5),
         "max |Δlogit| {worst} vs llama.cpp's own {worst_self}"
     );
+    // Exact batches carry decoding's bits: at llama.cpp's own batched-vs-token-by-token distance.
+    assert!(
+        r.worst_exact <= worst_self,
+        "exact batches: max |Δlogit| {} vs llama.cpp's own {worst_self}",
+        r.worst_exact
+    );
 }
 
 #[test]

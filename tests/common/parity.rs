@@ -77,8 +77,12 @@ pub struct DefaultNoise {
     pub positions: usize,
     /// Positions whose top-1 differs from llama.cpp's (each a near-tie there).
     pub ties: usize,
-    /// max |Δlogit|, ffnskip vs llama.cpp batched.
+    /// max |Δlogit|, ffnskip batched (llama.cpp's kinds of batch kernels) vs llama.cpp batched.
     pub worst: f32,
+    /// max |Δlogit|, ffnskip with exact batches (the bits of decoding) vs llama.cpp batched.
+    pub worst_exact: f32,
+    /// max |Δlogit|, ffnskip batched vs ffnskip exact: our own batch-kernel difference.
+    pub ours_self: f32,
     /// max |Δlogit|, llama.cpp batched vs llama.cpp token by token, and its top-1 flips.
     pub worst_self: f32,
     pub self_flips: usize,
@@ -98,6 +102,8 @@ pub fn against_llama_cpp_default(
         positions: 0,
         ties: 0,
         worst: 0.0,
+        worst_exact: 0.0,
+        ours_self: 0.0,
         worst_self: 0.0,
         self_flips: 0,
     };
@@ -113,8 +119,19 @@ pub fn against_llama_cpp_default(
             .collect();
         let mut s = Session::new(model, SessionConfig::new(1024, 2)).expect("session");
         let ours = s.eval_all(&ids, true).expect("forward");
+        let exact = SessionConfig {
+            exact_batches: true,
+            ..SessionConfig::new(1024, 2)
+        };
+        let ours_exact = Session::new(model, exact)
+            .expect("session")
+            .eval_all(&ids, true)
+            .expect("forward");
         for (i, t) in theirs.iter().enumerate() {
             let o = &ours[i * n_vocab..(i + 1) * n_vocab];
+            let oe = &ours_exact[i * n_vocab..(i + 1) * n_vocab];
+            r.worst_exact = r.worst_exact.max(super::max_abs_diff(oe, t));
+            r.ours_self = r.ours_self.max(super::max_abs_diff(o, oe));
             let (a, b) = (argmax(o), argmax(t));
             if a != b {
                 // Only where llama.cpp's batched logits are themselves a near-tie.
@@ -133,8 +150,9 @@ pub fn against_llama_cpp_default(
     }
     eprintln!(
         "{tag} vs llama.cpp defaults: {} positions, top-1 differs at {} near-ties; max |Δlogit| \
-         {:.4}; llama.cpp batched vs its own token-by-token: {:.4}, top-1 flips {}",
-        r.positions, r.ties, r.worst, r.worst_self, r.self_flips
+         {:.4} (exact batches {:.4}); llama.cpp batched vs its own token-by-token: {:.4}, top-1 \
+         flips {}; ffnskip batched vs exact: {:.4}",
+        r.positions, r.ties, r.worst, r.worst_exact, r.worst_self, r.self_flips, r.ours_self
     );
     r
 }
