@@ -237,7 +237,11 @@ pub fn calibrate(
         "calibration needs at least 2 tokens, the text gave {}",
         tokens.len()
     );
-    let config = SessionConfig::new(tokens.len(), threads);
+    // Exact batches: the statistics set thresholds that decoding applies.
+    let config = SessionConfig {
+        exact_batches: true,
+        ..SessionConfig::new(tokens.len(), threads)
+    };
     let mut session = Session::with_controller(model, config, Recorder::new(n_layer))?;
     session.prefill(tokens)?;
     let rec = session.controller;
