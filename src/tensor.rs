@@ -177,36 +177,20 @@ impl<'a> Matrix<'a> {
         act_row_bytes(self.vec_dot_type(), self.n_in)
     }
 
-    /// Single-threaded `out[o*batch + b] = dot(row o, act row b)` for rows `rows`: through
-    /// ggml's repacked GEMM/GEMV, llamafile's tinyBLAS (a batch of Q8_0, Q4_0 or Q5_0), or
-    /// `vec_dot` in 16×16 tiles — the kernels llama.cpp picks for the same product.
+    /// Single-threaded `out[b*nr + (o - rows.start)] = dot(row o, act row b)` for rows `rows`
+    /// (`nr` of them; `out` is `[batch, nr]`, ggml's layout): through ggml's own op (its tiled
+    /// K-quant GEMM), its repacked GEMM/GEMV, llamafile's tinyBLAS (a batch of Q8_0, Q4_0 or
+    /// Q5_0), or `vec_dot` in 16×16 tiles — the kernels llama.cpp picks for the same product.
     fn product_rows(&self, rows: std::ops::Range<usize>, act: Acts, batch: usize, out: &mut [f32]) {
         let arb = self.act_row_bytes();
         let acts = &act.data[..arb * batch];
         let packed = self.packed.as_deref();
+        let rb = self.row_bytes();
+        let nr = rows.len();
+        let out = &mut out[..nr * batch];
         if let Some(x) = act.src.filter(|_| self.ggml_runs(batch, false)) {
-            let rb = self.row_bytes();
             let w = &self.data[rows.start * rb..rows.end * rb];
-            let nr = rows.len();
-            let done = mul_mat_op::OUT.with(|t| {
-                let mut t = t.borrow_mut();
-                if t.len() < nr * batch {
-                    t.resize(nr * batch, 0.0);
-                }
-                let t = &mut t[..nr * batch];
-                let ok =
-                    mul_mat_op::mul_mat(self.ty, self.n_in, w, &x[..batch * self.n_in], batch, t);
-                if ok {
-                    // [batch, nr] → [nr, batch].
-                    for (b, tb) in t.chunks_exact(nr).enumerate() {
-                        for (i, v) in tb.iter().enumerate() {
-                            out[i * batch + b] = *v;
-                        }
-                    }
-                }
-                ok
-            });
-            if done {
+            if mul_mat_op::mul_mat(self.ty, self.n_in, w, &x[..batch * self.n_in], batch, out) {
                 return;
             }
             // ggml could not set the op up; the forward pass skipped quantizing for it.
@@ -216,13 +200,12 @@ impl<'a> Matrix<'a> {
         }
         let tiny = packed.is_none() && batch >= 2 && sgemm::supports(self.ty);
         if packed.is_none() && !tiny {
-            let rb = self.row_bytes();
             let w = &self.data[rows.start * rb..rows.end * rb];
-            self.kernels.matmul_tile(self.n_in, w, acts, batch, out);
+            self.kernels.matmul_tile(self.n_in, w, acts, batch, out, nr);
             return;
         }
         // Tiles of TILE weight rows (small enough to stay in L2 across the activations); the
-        // GEMMs run ACTS activations per call into `tmp` ([ACTS, TILE]).
+        // GEMMs run ACTS activations per call, straight into `out`.
         const TILE: usize = 64;
         const ACTS: usize = 16;
         let n_gemm = match packed {
@@ -230,46 +213,28 @@ impl<'a> Matrix<'a> {
             Some(_) => 0,
             None => batch,
         };
-        let rb = self.row_bytes();
-        let mut tmp = [0f32; TILE * ACTS];
         let mut r0 = rows.start;
         while r0 < rows.end {
             let r1 = (r0 + TILE).min(rows.end);
-            let (nr, o0) = (r1 - r0, (r0 - rows.start) * batch);
+            let c0 = r0 - rows.start;
             for a0 in (0..n_gemm).step_by(ACTS) {
                 let na = ACTS.min(n_gemm - a0);
                 let a = &acts[a0 * arb..(a0 + na) * arb];
-                let t = &mut tmp[..na * nr];
-                let by_act = match packed {
-                    Some(p) => {
-                        p.gemm(r0..r1, a, na, t);
-                        true
-                    }
+                let o = &mut out[a0 * nr + c0..];
+                match packed {
+                    Some(p) => p.gemm(r0..r1, a, na, o, nr),
                     None => {
                         let w = &self.data[r0 * rb..r1 * rb];
-                        sgemm::sgemm(self.ty, self.n_in, w, a, na, t) || {
-                            // One activation left (or tinyBLAS declined): vec_dot, [nr, na].
-                            self.kernels.matmul_tile(self.n_in, w, a, na, t);
-                            false
+                        if !sgemm::sgemm(self.ty, self.n_in, w, a, na, o, nr) {
+                            // One activation left (or tinyBLAS declined): vec_dot.
+                            self.kernels.matmul_tile(self.n_in, w, a, na, o, nr);
                         }
-                    }
-                };
-                for (i, o) in out[o0..o0 + nr * batch].chunks_exact_mut(batch).enumerate() {
-                    for (k, v) in o[a0..a0 + na].iter_mut().enumerate() {
-                        *v = if by_act { t[k * nr + i] } else { t[i * na + k] };
                     }
                 }
             }
             if let Some(p) = packed {
-                if batch == 1 {
-                    p.gemv(r0..r1, acts, &mut out[o0..o0 + nr]);
-                } else {
-                    for (b, act) in acts.chunks_exact(arb).enumerate().skip(n_gemm) {
-                        p.gemv(r0..r1, act, &mut tmp[..nr]);
-                        for (i, v) in tmp[..nr].iter().enumerate() {
-                            out[o0 + i * batch + b] = *v;
-                        }
-                    }
+                for (b, act) in acts.chunks_exact(arb).enumerate().skip(n_gemm) {
+                    p.gemv(r0..r1, act, &mut out[b * nr + c0..b * nr + c0 + (r1 - r0)]);
                 }
             }
             r0 = r1;
@@ -313,9 +278,11 @@ pub fn quantize_rows(k: &Kernels, x: &[f32], n: usize, out: &mut [u8]) {
 
 /// Products of several matrices over the same input rows in one parallel region (q/k/v,
 /// gate/up). Each matrix comes with the input quantized to its `vec_dot_type` ([`Acts`];
-/// matrices of the same type and layout share one buffer). `out` is
-/// `[Σ n_out, batch]`: the matrices' outputs one after another. Rows are split across the
-/// current team's threads in contiguous ranges of equal weight bytes.
+/// matrices of the same type and layout share one buffer). `out` holds the matrices' outputs
+/// one after another, each `[batch, n_out]` (token rows, ggml's layout). Weight rows are split
+/// across the current team's threads in contiguous ranges of equal weight bytes; each range's
+/// products land `[batch, rows]` in a scratch buffer and are then copied into place, row
+/// pieces at a time (for one token they land in place).
 pub fn matmul_group(mats: &[(&Matrix, Acts)], batch: usize, out: &mut [f32]) {
     let total_rows: usize = mats.iter().map(|(m, _)| m.n_out).sum();
     assert_eq!(out.len(), total_rows * batch);
@@ -352,6 +319,8 @@ pub fn matmul_group(mats: &[(&Matrix, Acts)], batch: usize, out: &mut [f32]) {
         *b = row.min(total_rows);
     }
     bounds[threads] = total_rows;
+    // Each chunk's products: for each matrix it overlaps, rows [a, b) of the concatenated
+    // row space as `[batch, b − a]` at offset a·batch.
     let run = |lo: usize, hi: usize, chunk: &mut [f32], _: &mut ()| {
         let mut base = 0;
         let mut filled = 0;
@@ -371,7 +340,62 @@ pub fn matmul_group(mats: &[(&Matrix, Acts)], batch: usize, out: &mut [f32]) {
         }
     };
     let mut units = [(); MAX_SPLITS];
-    par_split(out, &mut units[..threads], &bounds[..=threads], batch, &run);
+    let bounds = &bounds[..=threads];
+    if batch == 1 {
+        par_split(out, &mut units[..threads], bounds, batch, &run);
+        return;
+    }
+    PIECES.with(|pieces| {
+        let mut pieces = pieces.borrow_mut();
+        if pieces.len() < total_rows * batch {
+            pieces.resize(total_rows * batch, 0.0);
+        }
+        let pieces = &mut pieces[..total_rows * batch];
+        par_split(pieces, &mut units[..threads], bounds, batch, &run);
+        let mut base = 0;
+        let mut rest = out;
+        for (m, _) in mats {
+            let (block, r) = std::mem::take(&mut rest).split_at_mut(m.n_out * batch);
+            rest = r;
+            gather(pieces, bounds, base..base + m.n_out, batch, block);
+            base += m.n_out;
+        }
+    });
+}
+
+thread_local! {
+    /// [`matmul_group`]'s products before they are copied into place, kept per thread.
+    static PIECES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Copies one matrix's output (`rows` of the concatenated row space) from the chunks of
+/// `pieces` (split at `bounds`, each part `[batch, b − a]` at a·batch) into `out`
+/// (`[batch, rows.len()]`), token rows in parallel.
+fn gather(
+    pieces: &[f32],
+    bounds: &[usize],
+    rows: std::ops::Range<usize>,
+    batch: usize,
+    out: &mut [f32],
+) {
+    let n = rows.len();
+    let mut parts = [(0usize, 0usize); MAX_SPLITS + 1];
+    let mut np = 0;
+    for w in bounds.windows(2) {
+        let (a, b) = (w[0].max(rows.start), w[1].min(rows.end));
+        if a < b {
+            parts[np] = (a, b);
+            np += 1;
+        }
+    }
+    let parts = &parts[..np];
+    par_rows(out, n, (1 << 12) / n.max(1), &|t, row| {
+        for &(a, b) in parts {
+            let w = b - a;
+            row[a - rows.start..b - rows.start]
+                .copy_from_slice(&pieces[a * batch + t * w..a * batch + (t + 1) * w]);
+        }
+    });
 }
 
 /// Most threads a product is split over.
@@ -447,55 +471,12 @@ where
     );
 }
 
-/// `dst[b*rows + r] = src[r*batch + b]`: `[rows, batch]` → `[batch, rows]`, in tiles of
-/// `TILE` batch rows (each source read is one 64-byte line), tiles in parallel when large.
-pub fn transpose(src: &[f32], rows: usize, batch: usize, dst: &mut [f32]) {
-    const TILE: usize = 16;
-    if batch == 1 {
-        dst[..rows].copy_from_slice(&src[..rows]);
-        return;
-    }
-    let src = &src[..rows * batch];
-    let tile = |t: usize, out: &mut [f32]| {
-        let b0 = t * TILE;
-        let nb = out.len() / rows;
-        for r in 0..rows {
-            for (b, &v) in src[r * batch + b0..][..nb].iter().enumerate() {
-                out[b * rows + r] = v;
-            }
-        }
-    };
-    let dst = &mut dst[..rows * batch];
-    let tiles = batch.div_ceil(TILE);
-    let parts = if rows * batch >= 1 << 15 {
-        (crate::team::current_threads() * 2).clamp(1, MAX_SPLITS.min(tiles))
-    } else {
-        1
-    };
-    // Parts of whole tiles, in batch rows.
-    let mut bounds = [0usize; MAX_SPLITS + 1];
-    for (p, b) in bounds.iter_mut().enumerate().take(parts + 1) {
-        *b = (tiles * p / parts * TILE).min(batch);
-    }
-    let mut units = [(); MAX_SPLITS];
-    let run = |lo: usize, _: usize, out: &mut [f32], _: &mut ()| {
-        for (t, out) in out.chunks_mut(TILE * rows).enumerate() {
-            tile(lo / TILE + t, out);
-        }
-    };
-    par_split(dst, &mut units[..parts], &bounds[..=parts], rows, &run);
-}
-
-/// Residual add from a product in `[n, batch]` layout: `x[rows[j]*n + k] += src[k*batch + j]`
-/// for `j < batch = rows.len()`, in tiles of 16 rows so that source reads stay sequential.
-pub fn add_transposed(src: &[f32], n: usize, rows: &[usize], x: &mut [f32]) {
-    const TILE: usize = 16;
-    let batch = rows.len();
-    for (t, idx) in rows.chunks(TILE).enumerate() {
-        for k in 0..n {
-            for (&i, &v) in idx.iter().zip(&src[k * batch + t * TILE..]) {
-                x[i * n + k] += v;
-            }
+/// Residual add of a product's token rows: `x[rows[j]*n + k] += src[j*n + k]` for
+/// `j < rows.len()` (`src` is `[rows.len(), n]`).
+pub fn add_rows(src: &[f32], n: usize, rows: &[usize], x: &mut [f32]) {
+    for (&i, s) in rows.iter().zip(src.chunks_exact(n)) {
+        for (a, &v) in x[i * n..(i + 1) * n].iter_mut().zip(s) {
+            *a += v;
         }
     }
 }
@@ -503,26 +484,17 @@ pub fn add_transposed(src: &[f32], n: usize, rows: &[usize], x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn transpose_and_add_transposed_in_tiles() {
-        // Sizes on both sides of the tile (16) and of the parallel cut-off (2^15 elements).
-        for (rows, batch) in [(5, 3), (7, 17), (576, 64), (1536, 33)] {
-            let src: Vec<f32> = (0..rows * batch).map(|i| i as f32).collect();
-            let mut dst = vec![0.0; rows * batch];
-            super::transpose(&src, rows, batch, &mut dst);
-            for r in 0..rows {
-                for b in 0..batch {
-                    assert_eq!(dst[b * rows + r], src[r * batch + b], "{rows}×{batch}");
-                }
-            }
-            // Rows 0, 2, 4, … of a stream twice as tall.
-            let idx: Vec<usize> = (0..batch).map(|j| 2 * j).collect();
-            let mut x = vec![1.0; 2 * batch * rows];
-            super::add_transposed(&src, rows, &idx, &mut x);
-            for (j, &i) in idx.iter().enumerate() {
-                for k in 0..rows {
-                    assert_eq!(x[i * rows + k], 1.0 + src[k * batch + j]);
-                    assert_eq!(x[(i + 1) * rows + k], 1.0);
-                }
+    fn add_rows_adds_each_product_row_to_its_stream_row() {
+        let (n, batch) = (5, 3);
+        let src: Vec<f32> = (0..n * batch).map(|i| i as f32).collect();
+        // Rows 0, 2, 4 of a stream twice as tall.
+        let idx: Vec<usize> = (0..batch).map(|j| 2 * j).collect();
+        let mut x = vec![1.0; 2 * batch * n];
+        super::add_rows(&src, n, &idx, &mut x);
+        for (j, &i) in idx.iter().enumerate() {
+            for k in 0..n {
+                assert_eq!(x[i * n + k], 1.0 + src[j * n + k]);
+                assert_eq!(x[(i + 1) * n + k], 1.0);
             }
         }
     }

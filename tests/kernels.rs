@@ -135,7 +135,7 @@ fn quantized(ty: GgmlType, w: &[f32], n_in: usize) -> Result<(Vec<u8>, Vec<f32>)
     Ok((q, deq))
 }
 
-/// `matmul_group` of one matrix over `x` (`[batch, n_in]`), on a team of `threads`.
+/// `matmul_group` of one matrix over `x` (`[batch, n_in]`), on a team of `threads`: `[batch, n_out]`.
 fn product(m: &Matrix, x: &[f32], batch: usize, threads: usize) -> Vec<f32> {
     let mut act = vec![0u8; batch * m.act_row_bytes()];
     quantize_rows(m.kernels(), x, m.n_in, &mut act);
@@ -172,7 +172,7 @@ fn check_type(ty: GgmlType, n_in: usize, n_out: usize, seed: u64) -> Result<Repo
         for o in 0..n_out {
             let wr = &deq[o * n_in..(o + 1) * n_in];
             let reference: f64 = wr.iter().zip(xb).map(|(a, c)| *a as f64 * *c as f64).sum();
-            let got = out7[o * batch + b] as f64;
+            let got = out7[b * n_out + o] as f64;
             let (bnd, abs_wx) = bound(vdt, wr, xb);
             let err = (got - reference).abs();
             assert!(
@@ -185,10 +185,10 @@ fn check_type(ty: GgmlType, n_in: usize, n_out: usize, seed: u64) -> Result<Repo
         // Batch-k results equal k batch-1 results exactly (same vec_dot per pair).
         for threads in [1, 2] {
             let out1 = product(&m, xb, 1, threads);
-            let col: Vec<f32> = (0..n_out).map(|o| out7[o * batch + b]).collect();
+            let col = &out7[b * n_out..(b + 1) * n_out];
             assert!(
                 out1.iter()
-                    .zip(&col)
+                    .zip(col)
                     .all(|(a, c)| a.to_bits() == c.to_bits()),
                 "{ty}: batch-7 row {b} differs from a batch-1 product ({threads} threads)"
             );
@@ -492,7 +492,7 @@ fn repacked_gemm_against_gemv() {
             }
         }
         let mut gemm = vec![0f32; batch * n_out];
-        p.gemm(0..n_out, &packed, batch, &mut gemm);
+        p.gemm(0..n_out, &packed, batch, &mut gemm, n_out);
         let (mut same, mut worst) = (0, 0f64);
         for b in 0..batch {
             let mut gemv = vec![0f32; n_out];
@@ -557,7 +557,7 @@ fn gemm_layout_products_match_row_by_row() {
         };
         let (gemm, rows) = (run(true), run(false));
         for (i, (g, r)) in gemm.iter().zip(&rows).enumerate() {
-            let (o, b) = (i / batch, i % batch);
+            let (o, b) = (i % n_out, i / n_out);
             if ty == GgmlType::Q4_0 || b >= 4 {
                 assert_eq!(g.to_bits(), r.to_bits(), "{ty}: row {o}, activation {b}");
             } else {
@@ -587,17 +587,17 @@ fn tinyblas_equals_vec_dot_row_by_row() {
         let mut act = vec![0u8; batch * m.act_row_bytes()];
         quantize_rows(m.kernels(), &x, n_in, &mut act);
         let mut tiny = vec![f32::NAN; batch * n_out];
-        let taken = sgemm::sgemm(ty, n_in, &q, &act, batch, &mut tiny);
+        let taken = sgemm::sgemm(ty, n_in, &q, &act, batch, &mut tiny, n_out);
         assert_eq!(taken, cfg!(target_arch = "x86_64"), "{ty}: tinyBLAS taken");
         if !taken {
             continue;
         }
         let one = product(&m, &x, batch, 1);
         for (i, v) in one.iter().enumerate() {
-            let (o, b) = (i / batch, i % batch);
+            let (o, b) = (i % n_out, i / n_out);
             assert_eq!(
                 v.to_bits(),
-                tiny[b * n_out + o].to_bits(),
+                tiny[i].to_bits(),
                 "{ty}: row {o}, activation {b}"
             );
         }
@@ -626,13 +626,13 @@ fn ggml_mul_mat_op_matches_vec_dot_within_summation_noise() {
         let one = product(&m, &x, batch, 1);
         let mut worst = 0f64;
         for (i, v) in one.iter().enumerate() {
-            let (o, b) = (i / batch, i % batch);
+            let (o, b) = (i % n_out, i / n_out);
             let (_, abs_wx) = bound(
                 m.vec_dot_type(),
                 &w[o * n_in..(o + 1) * n_in],
                 &x[b * n_in..(b + 1) * n_in],
             );
-            worst = worst.max((op[b * n_out + o] - v).abs() as f64 / abs_wx);
+            worst = worst.max((op[i] - v).abs() as f64 / abs_wx);
         }
         eprintln!("{ty}: ggml's op vs vec_dot, worst |Δ|/Σ|w·x| {worst:e}");
         assert!(worst < 1e-6, "{ty}: {worst:e}");

@@ -132,11 +132,20 @@ impl Kernels {
     }
 
     /// Blocked product of weight rows with activation rows:
-    /// `out[r * batch + b] = dot(rows[r], acts[b])` for every weight row r in `rows`
-    /// (`n_rows` rows of `n` elements of `ty`) and activation row b in `acts` (`batch` rows of
-    /// `n` elements of `vec_dot_type`). Sizes are checked once; the loop runs 16×16 tiles as
-    /// ggml's `mul_mat` does, so a tile of weights and of activations stays in L1.
-    pub fn matmul_tile(&self, n: usize, rows: &[u8], acts: &[u8], batch: usize, out: &mut [f32]) {
+    /// `out[b * stride + r] = dot(rows[r], acts[b])` for every weight row r in `rows`
+    /// (`n_rows` ≤ `stride` rows of `n` elements of `ty`) and activation row b in `acts`
+    /// (`batch` rows of `n` elements of `vec_dot_type`): ggml's `[batch, rows]` layout. Sizes
+    /// are checked once; the loop runs 16×16 tiles as ggml's `mul_mat` does, so a tile of
+    /// weights and of activations stays in L1.
+    pub fn matmul_tile(
+        &self,
+        n: usize,
+        rows: &[u8],
+        acts: &[u8],
+        batch: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
         const TILE: usize = 16;
         let bs = |t: GgmlType| t.block_size() as usize;
         assert!(
@@ -157,19 +166,23 @@ impl Kernels {
             "activation rows for {}",
             self.vec_dot_type
         );
-        assert_eq!(out.len(), n_rows * batch, "output size");
+        assert!(
+            n_rows <= stride && batch.saturating_sub(1) * stride + n_rows <= out.len(),
+            "output of {batch} × {n_rows} with stride {stride} in {} floats",
+            out.len()
+        );
         for b0 in (0..batch).step_by(TILE) {
             for r0 in (0..n_rows).step_by(TILE) {
                 for b in b0..(b0 + TILE).min(batch) {
                     let act = acts[b * ab..].as_ptr();
                     for r in r0..(r0 + TILE).min(n_rows) {
-                        // SAFETY: r < n_rows and b < batch, so row r ([r*rb, (r+1)*rb)) lies in
-                        // `rows`, activation b in `acts`, and r*batch+b in `out` (all checked
-                        // above); nrc = 1 is valid for every type.
+                        // SAFETY: r < n_rows ≤ stride and b < batch, so row r ([r*rb, (r+1)*rb))
+                        // lies in `rows`, activation b in `acts`, and b*stride+r in `out` (all
+                        // checked above); nrc = 1 is valid for every type.
                         unsafe {
                             (self.vec_dot)(
                                 n as i32,
-                                out.as_mut_ptr().add(r * batch + b),
+                                out.as_mut_ptr().add(b * stride + r),
                                 0,
                                 rows.as_ptr().add(r * rb).cast(),
                                 0,

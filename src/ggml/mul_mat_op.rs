@@ -34,8 +34,6 @@ static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 thread_local! {
     /// ggml's work buffer for the op (quantized activations, tile scratch), kept per thread.
     static WORK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// The op's output before it is laid out for the caller, kept per thread.
-    pub(crate) static OUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `out[b * n_rows + r] = dot(weight row r, x row b)` for `n_rows` rows of `ty` (`rows`, `n`

@@ -302,22 +302,36 @@ impl Packed {
         }
     }
 
-    /// `out[a * rows.len() + (r - rows.start)] = dot(row r, activation a)` for `n_acts` (a
-    /// multiple of 4) activations packed by [`quantize4`] and rows `rows` (whole groups).
-    pub fn gemm(&self, rows: std::ops::Range<usize>, acts: &[u8], n_acts: usize, out: &mut [f32]) {
+    /// `out[a * stride + (r - rows.start)] = dot(row r, activation a)` for `n_acts` (a
+    /// multiple of 4) activations packed by [`quantize4`] and rows `rows` (whole groups, at
+    /// most `stride` of them).
+    pub fn gemm(
+        &self,
+        rows: std::ops::Range<usize>,
+        acts: &[u8],
+        n_acts: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
         assert!(n_acts.is_multiple_of(4), "{n_acts} activations");
-        assert_eq!(out.len(), rows.len() * n_acts, "output length");
+        assert!(
+            rows.len() <= stride && n_acts.saturating_sub(1) * stride + rows.len() <= out.len(),
+            "output of {n_acts} × {} with stride {stride} in {} floats",
+            rows.len(),
+            out.len()
+        );
         let row_bytes = self.check(&rows, acts, n_acts);
         if rows.is_empty() || n_acts == 0 {
             return;
         }
         // SAFETY: as in `gemv`; `acts` holds `n_acts` packed activations (checked) and `out`
-        // `n_acts` rows of `rows.len()` floats, the kernel's output stride.
+        // `n_acts` rows of `rows.len()` floats `stride` apart (checked); the kernel writes
+        // `out[a * stride + c]` for a < n_acts, c < rows.len().
         unsafe {
             (self.layout.gemm)(
                 self.n_in as i32,
                 out.as_mut_ptr(),
-                rows.len(),
+                stride,
                 self.data.add(rows.start * row_bytes).cast(),
                 acts.as_ptr().cast(),
                 n_acts as i32,

@@ -48,9 +48,9 @@ pub fn supports(ty: GgmlType) -> bool {
     cfg!(target_arch = "x86_64") && matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0)
 }
 
-/// `out[a * n_rows + r] = dot(weight row r, activation a)` for `n_rows` rows of `ty` (`rows`,
-/// `n` elements each) and `n_acts` ≥ 2 Q8_0 activation rows (`acts`). Returns false, leaving
-/// `out` untouched, where tinyBLAS does not take the product.
+/// `out[a * stride + r] = dot(weight row r, activation a)` for `n_rows` ≤ `stride` rows of
+/// `ty` (`rows`, `n` elements each) and `n_acts` ≥ 2 Q8_0 activation rows (`acts`). Returns
+/// false, leaving `out` untouched, where tinyBLAS does not take the product.
 pub fn sgemm(
     ty: GgmlType,
     n: usize,
@@ -58,6 +58,7 @@ pub fn sgemm(
     acts: &[u8],
     n_acts: usize,
     out: &mut [f32],
+    stride: usize,
 ) -> bool {
     if !supports(ty) || n_acts < 2 || !n.is_multiple_of(32) {
         return false;
@@ -71,7 +72,11 @@ pub fn sgemm(
     }
     let n_rows = rows.len() / rb;
     assert_eq!(acts.len(), ab * n_acts, "activation bytes");
-    assert_eq!(out.len(), n_rows * n_acts, "output length");
+    assert!(
+        n_rows <= stride && (n_acts - 1) * stride + n_rows <= out.len(),
+        "output of {n_acts} × {n_rows} with stride {stride} in {} floats",
+        out.len()
+    );
     let k = (n / 32) as i64;
     let params = ComputeParams {
         ith: 0,
@@ -82,8 +87,8 @@ pub fn sgemm(
         use_ref: false,
     };
     // SAFETY: `rows` holds n_rows rows of k blocks of `ty`, `acts` n_acts rows of k Q8_0
-    // blocks and `out` n_acts × n_rows floats (all checked above), which is what tinyBLAS
-    // reads and writes with lda = ldb = k (in blocks) and ldc = n_rows. For these types it
+    // blocks and `out` n_acts rows of n_rows floats `stride` apart (all checked above), which
+    // is what tinyBLAS reads and writes with lda = ldb = k (in blocks) and ldc = stride. For these types it
     // reads only `ith`/`nth` of the params (0 of 1: the whole product).
     unsafe {
         llamafile_sgemm(
@@ -96,7 +101,7 @@ pub fn sgemm(
             acts.as_ptr().cast(),
             k,
             out.as_mut_ptr().cast(),
-            n_rows as i64,
+            stride as i64,
             ty as c_int,
             GgmlType::Q8_0 as c_int,
             GgmlType::F32 as c_int,

@@ -47,8 +47,10 @@ pub struct AttnScratch {
     scores: Vec<f32>,
     /// The exact path's f16 value accumulators `[MAX_ROWS, head_dim]`.
     acc: Vec<f16>,
-    /// One value row widened to f32 `[head_dim]` (fast path).
-    v32: Vec<f32>,
+    /// Values of the KV head last used, widened to f32 `[positions, head_dim]` (fast path).
+    values_f32: Vec<f32>,
+    /// The KV head whose values `values_f32` holds.
+    values_loaded: Option<usize>,
 }
 
 impl AttnScratch {
@@ -61,7 +63,8 @@ impl AttnScratch {
             loaded: None,
             scores: vec![0.0; FAST_ROWS * padded],
             acc: vec![f16::ZERO; MAX_ROWS * head_dim],
-            v32: vec![0.0; head_dim],
+            values_f32: vec![0.0; padded * head_dim],
+            values_loaded: None,
         }
     }
 }
@@ -73,45 +76,141 @@ const FAST_ROWS: usize = 8;
 /// decoding, as llama.cpp's tiled kernel for batched prompts computes them (f32 accumulators;
 /// its bits and ours differ from one-token decoding, and from each other, in the last places).
 /// Row `j` holds raw q·k for its first `lens[j]` positions in `w[j·stride..]` (overwritten
-/// with its weights); `values` is `[≥ max len, hd]`, `out` `[rows, hd]`.
+/// with its weights); `values` is `[≥ max len, hd]` in f32, `out` `[rows, hd]`.
 fn softmax_values_f32(
     w: &mut [f32],
     stride: usize,
     lens: &[usize],
     scale: f32,
-    values: &[f16],
-    v32: &mut [f32],
+    values: &[f32],
+    hd: usize,
     out: &mut [f32],
 ) {
-    use half::slice::HalfFloatSliceExt;
-    let hd = v32.len();
+    let rows = lens.len();
     let n_max = lens.iter().copied().max().unwrap_or(0);
     let mut inv = [0f32; FAST_ROWS];
     for ((wj, &len), inv) in w.chunks_exact_mut(stride).zip(lens).zip(&mut inv) {
-        let m = wj[..len]
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-        let mut sum = 0f32;
-        for x in &mut wj[..len] {
-            *x = (*x * scale - m).exp();
-            sum += *x;
-        }
+        let sum = softmax_weights(&mut wj[..len], scale);
         wj[len..n_max].fill(0.0);
         *inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     }
-    out.fill(0.0);
-    for (p, v) in values.chunks_exact(hd).take(n_max).enumerate() {
-        v.convert_to_f32_slice(v32);
-        for (j, o) in out.chunks_exact_mut(hd).enumerate() {
-            let wp = w[j * stride + p];
-            if wp != 0.0 {
-                axpy(o, v32, wp);
-            }
-        }
+    let (w, out) = (&w[..rows * stride], &mut out[..rows * hd]);
+    let mut r0 = 0;
+    while r0 < rows {
+        let (w, o) = (&w[r0 * stride..], &mut out[r0 * hd..]);
+        r0 += match rows - r0 {
+            1 => weighted_values::<1>(w, stride, n_max, values, hd, o),
+            2 => weighted_values::<2>(w, stride, n_max, values, hd, o),
+            3 => weighted_values::<3>(w, stride, n_max, values, hd, o),
+            _ => weighted_values::<4>(w, stride, n_max, values, hd, o),
+        };
     }
     for (o, &inv) in out.chunks_exact_mut(hd).zip(&inv) {
         o.iter_mut().for_each(|x| *x *= inv);
     }
+}
+
+/// `w[p] ← e^(w[p]·scale − max)` over the row, 16 lanes at a time (as ggml's SIMD softmax);
+/// returns Σ w.
+fn softmax_weights(w: &mut [f32], scale: f32) -> f32 {
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let (blocks, tail) = w.as_chunks::<L>();
+    for blk in blocks {
+        for (m, &x) in lanes.iter_mut().zip(blk) {
+            *m = m.max(x * scale);
+        }
+    }
+    let m = tail.iter().fold(
+        lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        |m, &x| m.max(x * scale),
+    );
+    let mut sums = [0f32; L];
+    let (blocks, tail) = w.as_chunks_mut::<L>();
+    for blk in blocks {
+        for (s, x) in sums.iter_mut().zip(blk) {
+            *x = exp_nonpositive(*x * scale - m);
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in tail {
+        *x = exp_nonpositive(*x * scale - m);
+        sum += *x;
+    }
+    sum
+}
+
+/// e^x for x ≤ 0 (0 below −87), as ggml's `ggml_v_expf` (ggml-cpu/vec.h) computes it
+/// (about 1.5 ulp): x = n·ln2 + b, 2^n from the exponent bits, e^b by a degree-5 polynomial.
+/// Branch-free, so loops over it vectorize.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let r = c(0x4b40_0000); // 0x1.8p23
+    let z = fma(x, c(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = fma(-n, c(0x35bf_be8e), fma(-n, c(0x3f31_7200), x)); // ln2, low and high parts
+    let k = c((z.to_bits() << 23).wrapping_add(1f32.to_bits()));
+    let u = b * b;
+    let j = fma(
+        fma(
+            fma(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+            u,
+            fma(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+        ),
+        u,
+        c(0x3f7f_fff6) * b,
+    );
+    let e = fma(j, k, k);
+    if x < -87.0 {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// `out[r·hd + c] = Σ_p w[r·stride + p] · values[p·hd + c]` for `R` rows and `p < n`, in
+/// blocks of `R` × 16 accumulators that stay in registers while the positions stream by.
+/// Returns `R`.
+fn weighted_values<const R: usize>(
+    w: &[f32],
+    stride: usize,
+    n: usize,
+    values: &[f32],
+    hd: usize,
+    out: &mut [f32],
+) -> usize {
+    const C: usize = 16;
+    let ws: [&[f32]; R] = std::array::from_fn(|r| &w[r * stride..r * stride + n]);
+    let values = &values[..n * hd];
+    let mut c0 = 0;
+    while c0 + C <= hd {
+        let mut acc = [[0f32; C]; R];
+        for (p, v) in values.chunks_exact(hd).enumerate() {
+            let v: &[f32; C] = v[c0..c0 + C].try_into().expect("16 values");
+            for (a, wr) in acc.iter_mut().zip(&ws) {
+                let wp = wr[p];
+                for (x, &vv) in a.iter_mut().zip(v) {
+                    *x = fma(vv, wp, *x);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            out[r * hd + c0..r * hd + c0 + C].copy_from_slice(a);
+        }
+        c0 += C;
+    }
+    // Head sizes that are not a multiple of 16: the last columns one by one.
+    for c in c0..hd {
+        for (r, wr) in ws.iter().enumerate() {
+            out[r * hd + c] = wr
+                .iter()
+                .zip(values.chunks_exact(hd))
+                .fold(0.0, |x, (&wp, v)| fma(v[c], wp, x));
+        }
+    }
+    R
 }
 
 /// Raw q·k in f32 for up to `FAST_ROWS` query rows at once (`qs`: `[rows, hd]`) over the
@@ -156,14 +255,6 @@ fn fma(a: f32, b: f32, c: f32) -> f32 {
     #[cfg(not(target_feature = "fma"))]
     {
         a * b + c
-    }
-}
-
-/// `y += x·a`, fused where the CPU has FMA.
-#[inline(always)]
-fn axpy(y: &mut [f32], x: &[f32], a: f32) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = fma(x, a, *y);
     }
 }
 
@@ -239,6 +330,7 @@ impl Llama<'_> {
         let padded = scratch[0].scores.len() / FAST_ROWS;
         let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
             sc.loaded = None;
+            sc.values_loaded = None;
             // Consecutive items of one head (rows in order) in groups: their scores one by one,
             // then their softmax chains interleaved (exact) or one f32 softmax pass (fast).
             let mut g0 = lo;
@@ -298,8 +390,15 @@ impl Llama<'_> {
                 let values = cache.values(l, kvh, n_max);
                 let o = &mut chunk[(g0 - lo) * hd..(g1 - lo) * hd];
                 if !exact {
+                    if sc.values_loaded != Some(kvh) {
+                        use half::slice::HalfFloatSliceExt;
+                        let all = cache.values(l, kvh, n_total);
+                        all.convert_to_f32_slice(&mut sc.values_f32[..all.len()]);
+                        sc.values_loaded = Some(kvh);
+                    }
                     let w = &mut sc.scores[..rows * padded];
-                    softmax_values_f32(w, padded, &lens[..rows], scale, values, &mut sc.v32, o);
+                    let v = &sc.values_f32[..n_max * hd];
+                    softmax_values_f32(w, padded, &lens[..rows], scale, v, hd, o);
                     g0 = g1;
                     continue;
                 }
@@ -318,6 +417,21 @@ impl Llama<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectorizable e^x against libm's over the range softmax feeds it.
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp_of_libm() {
+        let mut worst = 0u32;
+        for i in 0..=2_000_000u32 {
+            let x = -87.0 * i as f32 / 2_000_000.0;
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            worst = worst.max(got.to_bits().abs_diff(want.to_bits()));
+        }
+        assert!(worst <= 2, "{worst} ulp");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-88.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
 
     /// The fast path (f32 q·k for 8 rows at once, f32 softmax and value sum) against the
     /// definition in f64, for causal rows of unequal length.
@@ -344,15 +458,16 @@ mod tests {
         let lens: Vec<usize> = (0..rows).map(|r| n - rows + 1 + r).collect();
         let mut w = vec![f32::NAN; FAST_ROWS * stride];
         scores_f32(&qs, hd, &kt, stride, n, &mut w, stride);
-        let (mut v32, mut out) = (vec![0f32; hd], vec![0f32; rows * hd]);
+        let mut out = vec![0f32; rows * hd];
         let scale = 0.125;
+        let values32: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
         softmax_values_f32(
             &mut w[..rows * stride],
             stride,
             &lens,
             scale,
-            &values,
-            &mut v32,
+            &values32,
+            hd,
             &mut out,
         );
         for (r, &len) in lens.iter().enumerate() {

@@ -68,7 +68,7 @@ pub struct Batch<'t> {
 }
 
 /// Preallocated buffers for batches of up to `B = max_batch` rows (llama2.c's `RunState`).
-/// Nothing is allocated per call once a session runs; the two `Logits::All` buffers grow once,
+/// Nothing is allocated per call once a session runs; the `Logits::All` buffer grows once,
 /// the first time a batch that large asks for every row's logits, and are reused after.
 /// Shapes are row-major; `kv_dim = n_head_kv · head_dim`.
 pub struct Scratch {
@@ -83,10 +83,9 @@ pub struct Scratch {
     /// Quantized activations, one buffer per distinct `vec_dot_type` in a group of matrices,
     /// each `[B, row bytes]` bytes (sized for f32 rows of `max(n_embd, n_ff)`, the widest).
     acts: [Vec<u8>; 3],
-    /// Matmul output `[rows, B]`, output features major; `rows` ≤ max(n_embd + 2·kv_dim, 2·n_ff).
+    /// Matmul outputs, one `[B, n_out]` block per matrix of a group; Σ n_out ≤
+    /// max(n_embd + 2·kv_dim, 2·n_ff).
     mm: Vec<f32>,
-    /// ffn_gate and ffn_up transposed to token rows, `[2][B, n_ff]`, for SwiGLU one row at a time.
-    gate_up: Vec<f32>,
     /// Qcur `[B, n_embd]`; RoPE'd in place and the active rows packed to the front.
     q: Vec<f32>,
     /// Kcur `[B, kv_dim]`, RoPE'd in place before it is stored.
@@ -110,8 +109,6 @@ pub struct Scratch {
     attn: Vec<AttnScratch>,
     /// The last row's logits `[n_vocab]` (`Logits::Last`).
     logits: Vec<f32>,
-    /// result_output as the product writes it `[n_vocab, n]` (`Logits::All`; grown once).
-    logits_mm: Vec<f32>,
     /// Every row's logits `[n, n_vocab]` (`Logits::All`; grown once).
     logits_all: Vec<f32>,
     pub times: StageTimes,
@@ -136,7 +133,6 @@ impl Scratch {
             xn: vec![0.0; b * wide],
             acts: [act.clone(), act.clone(), act],
             mm: vec![0.0; b * mm_rows],
-            gate_up: vec![0.0; 2 * b * c.n_ff],
             q: vec![0.0; b * c.n_embd],
             k: vec![0.0; b * c.kv_dim()],
             v: vec![0.0; b * c.kv_dim()],
@@ -151,7 +147,6 @@ impl Scratch {
                 .map(|_| AttnScratch::new(c.head_dim, n_ctx))
                 .collect(),
             logits: vec![0.0; c.n_vocab],
-            logits_mm: Vec::new(),
             logits_all: Vec::new(),
             times: StageTimes::default(),
             batch_exact: true,
@@ -167,6 +162,9 @@ impl Scratch {
         &self.logits
     }
 }
+
+/// Fewest token rows per parallel task in the per-row steps (norms, RoPE).
+const ROWS_PER_TASK: usize = 16;
 
 /// `buf[..n]`, growing `buf` first if it is shorter (allocates only the first time a size is
 /// reached; never shrinks).
@@ -361,12 +359,13 @@ impl Llama<'_> {
         let na = s.active.len();
 
         // attn_norm: [B, n_embd]
-        for (inp_l, nr) in s.x[..b * d].chunks_exact(d).zip(s.xn.chunks_exact_mut(d)) {
-            rms_norm(inp_l, &lw.attn_norm, c.rms_eps, nr);
-        }
+        let x = &s.x[..b * d];
+        tensor::par_rows(&mut s.xn[..b * d], d, ROWS_PER_TASK, &|i, nr| {
+            rms_norm(&x[i * d..(i + 1) * d], &lw.attn_norm, c.rms_eps, nr)
+        });
 
-        // Qcur [B, n_embd], Kcur and Vcur [B, kv_dim] as one product [q_rows + 2·kv_dim, B];
-        // no Qcur when every row has exited (their K/V are still written).
+        // Qcur [B, n_embd], Kcur and Vcur [B, kv_dim] as one product; no Qcur when every row
+        // has exited (their K/V are still written).
         let qkv = [&lw.attn_q, &lw.attn_k, &lw.attn_v];
         let (mats, q_rows) = if na > 0 {
             (&qkv[..], d)
@@ -382,10 +381,10 @@ impl Llama<'_> {
         matmul_group(&group[..mats.len()], b, mm);
         let (q, kv_mm) = mm.split_at(q_rows * b);
         let (k, v) = kv_mm.split_at(kv * b);
-        tensor::transpose(k, kv, b, &mut s.k[..b * kv]);
-        tensor::transpose(v, kv, b, &mut s.v[..b * kv]);
+        s.k[..b * kv].copy_from_slice(k);
+        s.v[..b * kv].copy_from_slice(v);
         if na > 0 {
-            tensor::transpose(q, d, b, &mut s.q[..b * d]);
+            s.q[..b * d].copy_from_slice(q);
         }
         // Qwen2: Qcur += bq, Kcur += bk, Vcur += bv (one f32 add each, as ggml_add).
         if let Some([bq, bk, bv]) = &lw.attn_qkv_bias {
@@ -404,21 +403,34 @@ impl Llama<'_> {
         }
 
         // RoPE on Kcur, then K/V into the cache at each row's position.
+        let cs = &s.rope_cs[..b * rd];
+        tensor::par_rows(&mut s.k[..b * kv], kv, ROWS_PER_TASK, &|i, k| {
+            self.rope.apply(k, hd, &cs[i * rd..(i + 1) * rd])
+        });
         for (i, &pos) in s.positions.iter().enumerate() {
-            let k = &mut s.k[i * kv..(i + 1) * kv];
-            self.rope.apply(k, hd, &s.rope_cs[i * rd..(i + 1) * rd]);
-            cache.store(l, pos, k, &s.v[i * kv..(i + 1) * kv]);
+            cache.store(
+                l,
+                pos,
+                &s.k[i * kv..(i + 1) * kv],
+                &s.v[i * kv..(i + 1) * kv],
+            );
         }
         if na == 0 {
             return;
         }
 
         // RoPE on the active rows' Qcur, packed to the front: [na, n_embd].
-        for (j, &i) in s.active.iter().enumerate() {
-            let cs = &s.rope_cs[i * rd..(i + 1) * rd];
-            self.rope.apply(&mut s.q[i * d..(i + 1) * d], hd, cs);
-            if i != j {
-                s.q.copy_within(i * d..(i + 1) * d, j * d);
+        if na == b {
+            tensor::par_rows(&mut s.q[..b * d], d, ROWS_PER_TASK, &|i, q| {
+                self.rope.apply(q, hd, &cs[i * rd..(i + 1) * rd])
+            });
+        } else {
+            for (j, &i) in s.active.iter().enumerate() {
+                self.rope
+                    .apply(&mut s.q[i * d..(i + 1) * d], hd, &cs[i * rd..(i + 1) * rd]);
+                if i != j {
+                    s.q.copy_within(i * d..(i + 1) * d, j * d);
+                }
             }
         }
 
@@ -435,7 +447,7 @@ impl Llama<'_> {
             }
         }
 
-        // attn_out = attn_output · att: [n_embd, na]; ffn_inp = attn_out + inpL.
+        // attn_out = attn_output · att: [na, n_embd]; ffn_inp = attn_out + inpL.
         let slots = quantize_for(
             &[&lw.attn_output],
             &s.att[..na * d],
@@ -452,7 +464,7 @@ impl Llama<'_> {
             na,
             attn_out,
         );
-        tensor::add_transposed(attn_out, d, &s.active, &mut s.x);
+        tensor::add_rows(attn_out, d, &s.active, &mut s.x);
     }
 
     /// FFN half of layer `l` for the rows in `s.ffn_rows`: ffn_norm, ffn_gate/ffn_up in one
@@ -466,20 +478,18 @@ impl Llama<'_> {
         let observe = controller.observes_ffn();
 
         // ffn_norm: [r, n_embd], the running rows packed to the front.
-        for (j, &i) in s.ffn_rows.iter().enumerate() {
-            let ffn_inp = &s.x[i * d..(i + 1) * d];
-            rms_norm(
-                ffn_inp,
-                &lw.ffn_norm,
-                c.rms_eps,
-                &mut s.xn[j * d..(j + 1) * d],
-            );
-            if observe {
-                s.ffn_inp[j * d..(j + 1) * d].copy_from_slice(ffn_inp);
+        let (x, rows) = (&s.x, &s.ffn_rows);
+        tensor::par_rows(&mut s.xn[..r * d], d, ROWS_PER_TASK, &|j, xn| {
+            let i = rows[j];
+            rms_norm(&x[i * d..(i + 1) * d], &lw.ffn_norm, c.rms_eps, xn)
+        });
+        if observe {
+            for (j, &i) in s.ffn_rows.iter().enumerate() {
+                s.ffn_inp[j * d..(j + 1) * d].copy_from_slice(&s.x[i * d..(i + 1) * d]);
             }
         }
 
-        // ffn_gate and ffn_up: [2][n_ff, r].
+        // ffn_gate and ffn_up: [2][r, n_ff].
         let gate_up = [&lw.ffn_gate, &lw.ffn_up];
         let slots = quantize_for(&gate_up, &s.xn[..r * d], r, s.batch_exact, &mut s.acts);
         let mm = &mut s.mm[..2 * ff * r];
@@ -498,25 +508,13 @@ impl Llama<'_> {
             mm,
         );
 
-        // SwiGLU into xn, one token row of n_ff at a time as ggml does: [n_ff, r] → [r, n_ff].
-        let (gate, up) = mm.split_at(ff * r);
-        if r == 1 {
-            ggml::swiglu(gate, up, &mut s.xn[..ff]);
-        } else {
-            let (gate_t, up_t) = s.gate_up[..2 * r * ff].split_at_mut(r * ff);
-            tensor::transpose(gate, ff, r, gate_t);
-            tensor::transpose(up, ff, r, up_t);
-            let (gate_t, up_t) = (&*gate_t, &*up_t);
-            tensor::par_rows(&mut s.xn[..r * ff], ff, 4, &|i, y| {
-                ggml::swiglu(
-                    &gate_t[i * ff..(i + 1) * ff],
-                    &up_t[i * ff..(i + 1) * ff],
-                    y,
-                )
-            });
-        }
+        // SwiGLU into xn, one token row of n_ff at a time as ggml does: [r, n_ff].
+        let (gate, up) = (&mm[..ff * r], &mm[ff * r..]);
+        tensor::par_rows(&mut s.xn[..r * ff], ff, 4, &|i, y| {
+            ggml::swiglu(&gate[i * ff..(i + 1) * ff], &up[i * ff..(i + 1) * ff], y)
+        });
 
-        // ffn_out = ffn_down · swiglu: [n_embd, r]; l_out = ffn_out + ffn_inp.
+        // ffn_out = ffn_down · swiglu: [r, n_embd]; l_out = ffn_out + ffn_inp.
         let slots = quantize_for(
             &[&lw.ffn_down],
             &s.xn[..r * ff],
@@ -527,7 +525,7 @@ impl Llama<'_> {
         let ffn_out = &mut s.mm[..d * r];
         let acts = acts_in(&s.acts, slots[0], &s.xn[..r * ff], s.batch_exact);
         matmul_group(&[(&lw.ffn_down, acts)], r, ffn_out);
-        tensor::add_transposed(ffn_out, d, &s.ffn_rows, &mut s.x);
+        tensor::add_rows(ffn_out, d, &s.ffn_rows, &mut s.x);
 
         if observe {
             for (j, &i) in s.ffn_rows.iter().enumerate() {
@@ -561,7 +559,7 @@ impl Llama<'_> {
             );
         }
 
-        // result_output: [n_vocab, n], then [n, n_vocab] for more than one row.
+        // result_output: [n, n_vocab].
         let out = &self.weights.output;
         let slots = quantize_for(&[out], &s.xn[..n * d], n, s.batch_exact, &mut s.acts);
         let group = [(
@@ -572,10 +570,8 @@ impl Llama<'_> {
             matmul_group(&group, 1, &mut s.logits);
             &s.logits
         } else {
-            let product = grown(&mut s.logits_mm, nv * n);
-            matmul_group(&group, n, product);
             let all = grown(&mut s.logits_all, nv * n);
-            tensor::transpose(product, nv, n, all);
+            matmul_group(&group, n, all);
             all
         };
         s.times.head += t0.elapsed();
