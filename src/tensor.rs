@@ -110,7 +110,7 @@ impl<'a> Matrix<'a> {
     }
 
     /// Whether ggml runs a product over `batch` rows itself ([`mul_mat_op`]: its tiled K-quant
-    /// GEMM), from the f32 rows; never with `exact`, whose bits must equal decoding's.
+    /// GEMM); never with `exact`, whose bits must equal decoding's.
     pub fn ggml_runs(&self, batch: usize, exact: bool) -> bool {
         !exact && self.packed.is_none() && mul_mat_op::takes(self.ty, batch)
     }
@@ -140,9 +140,10 @@ impl<'a> Matrix<'a> {
         }
     }
 
-    /// Product row ranges start and end on multiples of this (a packed matrix's row group).
+    /// Product row ranges start and end on multiples of this: a packed matrix's row group,
+    /// and at least 16 (ggml's AVX-512 GEMMs take 16 columns at a time, 8 more slowly).
     pub fn row_align(&self) -> usize {
-        self.packed.as_ref().map_or(1, |p| p.group_rows())
+        self.packed.as_ref().map_or(1, |p| p.group_rows().max(16))
     }
 
     /// The mapped bytes (the GGUF's layout, also when packed).
@@ -188,15 +189,12 @@ impl<'a> Matrix<'a> {
         let rb = self.row_bytes();
         let nr = rows.len();
         let out = &mut out[..nr * batch];
-        if let Some(x) = act.src.filter(|_| self.ggml_runs(batch, false)) {
+        if self.ggml_runs(batch, act.exact) {
             let w = &self.data[rows.start * rb..rows.end * rb];
-            if mul_mat_op::mul_mat(self.ty, self.n_in, w, &x[..batch * self.n_in], batch, out) {
+            if mul_mat_op::mul_mat(self.ty, self.n_in, w, acts, batch, out) {
                 return;
             }
-            // ggml could not set the op up; the forward pass skipped quantizing for it.
-            let mut q = vec![0u8; arb * batch];
-            quantize_rows(&self.kernels, &x[..batch * self.n_in], self.n_in, &mut q);
-            return self.product_rows(rows, Acts::rows(&q), batch, out);
+            // ggml could not set the op up: vec_dot below.
         }
         let tiny = packed.is_none() && batch >= 2 && sgemm::supports(self.ty);
         if packed.is_none() && !tiny {
@@ -252,9 +250,9 @@ pub fn act_row_bytes(vec_dot_type: GgmlType, n: usize) -> usize {
 pub struct Acts<'a> {
     pub data: &'a [u8],
     pub fours: bool,
-    /// The rows before quantization (`[batch, n_in]`), for products ggml may run itself on
-    /// a batch that need not equal decoding ([`crate::ggml::mul_mat_op`]); `None` otherwise.
-    pub src: Option<&'a [f32]>,
+    /// Whether the batch's products must give the bits of one-row products; when not, ggml may
+    /// run them itself ([`Matrix::ggml_runs`]).
+    pub exact: bool,
 }
 
 impl<'a> Acts<'a> {
@@ -263,7 +261,7 @@ impl<'a> Acts<'a> {
         Acts {
             data,
             fours: false,
-            src: None,
+            exact: true,
         }
     }
 }
@@ -290,11 +288,8 @@ pub fn matmul_group(mats: &[(&Matrix, Acts)], batch: usize, out: &mut [f32]) {
     // Chunks of equal weight bytes, a few per thread when the product is large enough, so
     // dynamic claiming evens out threads that run slower (other work, mixed types).
     let threads = crate::team::current_threads().clamp(1, MAX_SPLITS);
-    // ggml's own op quantizes the whole batch per call: one chunk per thread.
-    let per_thread = if mats
-        .iter()
-        .any(|(m, a)| a.src.is_some() && m.ggml_runs(batch, false))
-    {
+    // ggml's own op repacks the whole batch per call: one chunk per thread.
+    let per_thread = if mats.iter().any(|(m, a)| m.ggml_runs(batch, a.exact)) {
         1
     } else {
         CHUNKS_PER_THREAD

@@ -546,7 +546,7 @@ fn gemm_layout_products_match_row_by_row() {
                         Acts {
                             data: &a,
                             fours,
-                            src: None,
+                            exact: true,
                         },
                     )],
                     batch,
@@ -618,9 +618,11 @@ fn ggml_mul_mat_op_matches_vec_dot_within_summation_noise() {
         assert!(!mul_mat_op::takes(ty, 7) && !mul_mat_op::takes(GgmlType::Q8_0, 8));
         let q = ggml::quantize(ty, &w, n_in).unwrap();
         let m = Matrix::from_raw(ty, n_in, n_out, &q).unwrap();
+        let mut act = vec![0u8; batch * m.act_row_bytes()];
+        quantize_rows(m.kernels(), &x, n_in, &mut act);
         let mut op = vec![f32::NAN; batch * n_out];
         assert!(
-            mul_mat_op::mul_mat(ty, n_in, &q, &x, batch, &mut op),
+            mul_mat_op::mul_mat(ty, n_in, &q, &act, batch, &mut op),
             "{ty}"
         );
         let one = product(&m, &x, batch, 1);

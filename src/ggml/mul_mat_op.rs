@@ -36,14 +36,16 @@ thread_local! {
     static WORK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `out[b * n_rows + r] = dot(weight row r, x row b)` for `n_rows` rows of `ty` (`rows`, `n`
-/// elements each) and `batch` f32 activation rows `x` (`[batch, n]`), computed by ggml's
-/// `ggml_mul_mat` on this thread. False (with `out` untouched) if ggml cannot set it up.
+/// `out[b * n_rows + r] = dot(weight row r, act row b)` for `n_rows` rows of `ty` (`rows`, `n`
+/// elements each) and `batch` activation rows `acts` already quantized to `ty`'s vec_dot_type
+/// (Q8_K for every type [`takes`] lists, which ggml's tiled GEMM reads as they are), computed
+/// by ggml's `ggml_mul_mat` on this thread. False (with `out` untouched) if ggml cannot set it
+/// up.
 pub fn mul_mat(
     ty: GgmlType,
     n: usize,
     rows: &[u8],
-    x: &[f32],
+    acts: &[u8],
     batch: usize,
     out: &mut [f32],
 ) -> bool {
@@ -55,7 +57,14 @@ pub fn mul_mat(
         return false;
     }
     let n_rows = rows.len() / rb;
-    assert_eq!(x.len(), n * batch, "activation rows");
+    let Some(vdt) = super::kernels(ty).map(|k| k.vec_dot_type) else {
+        return false;
+    };
+    assert_eq!(
+        vdt.row_bytes(n as u64).map(|b| b * batch as u64),
+        Some(acts.len() as u64),
+        "activation rows"
+    );
     assert_eq!(out.len(), n_rows * batch, "output length");
     let (Ok(ne0), Ok(ne1), Ok(nb)) = (
         i64::try_from(n),
@@ -69,7 +78,8 @@ pub fn mul_mat(
         let mut work = work.borrow_mut();
         // SAFETY: the context holds only metadata (no_alloc) for three tensors and one graph
         // and is freed on every path. The tensors point at caller memory of exactly their
-        // size: `rows` (n_rows rows of `ty`, read only), `x` (batch × n f32, read only) and
+        // size: `rows` (n_rows rows of `ty`, read only), `acts` (batch rows of n elements of
+        // the vec_dot_type, contiguous, read only) and
         // `out` (n_rows × batch f32, written), all checked above and borrowed for the whole
         // call. The graph runs synchronously on this thread (one thread, no threadpool
         // kept), with a work buffer of the size `ggml_graph_plan` asks for.
@@ -83,10 +93,10 @@ pub fn mul_mat(
                 return false;
             }
             let a = sys::ggml_new_tensor_2d(ctx, ty as sys::ggml_type, ne0, ne1);
-            let b = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F32, ne0, nb);
+            let b = sys::ggml_new_tensor_2d(ctx, vdt as sys::ggml_type, ne0, nb);
             let ok = !a.is_null() && !b.is_null() && {
                 (*a).data = rows.as_ptr() as *mut _;
-                (*b).data = x.as_ptr() as *mut _;
+                (*b).data = acts.as_ptr() as *mut _;
                 let c = sys::ggml_mul_mat(ctx, a, b);
                 let gf = sys::ggml_new_graph(ctx);
                 !c.is_null() && !gf.is_null() && {

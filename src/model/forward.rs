@@ -190,10 +190,6 @@ fn quantize_for(
     let mut done: [Option<(GgmlType, bool)>; 3] = [None; 3];
     for (i, m) in mats.iter().enumerate() {
         let key = (m.vec_dot_type(), m.uses_gemm(batch, exact));
-        if m.ggml_runs(batch, exact) {
-            // ggml quantizes the f32 rows itself.
-            continue;
-        }
         let slot = match done.iter().position(|d| *d == Some(key)) {
             Some(s) => s,
             None => {
@@ -208,18 +204,13 @@ fn quantize_for(
     slots
 }
 
-/// The activations `quantize_for` put in `slot`, with their f32 rows `x` when the batch need
-/// not equal decoding (`exact` off; ggml may then run the product itself).
-fn acts_in<'a>(
-    acts: &'a [Vec<u8>; 3],
-    (slot, fours): (usize, bool),
-    x: &'a [f32],
-    exact: bool,
-) -> Acts<'a> {
+/// The activations `quantize_for` put in `slot`; with `exact` off, ggml may run the product
+/// itself.
+fn acts_in(acts: &[Vec<u8>; 3], (slot, fours): (usize, bool), exact: bool) -> Acts<'_> {
     Acts {
         data: &acts[slot],
         fours,
-        src: (!exact).then_some(x),
+        exact,
     }
 }
 
@@ -375,7 +366,7 @@ impl Llama<'_> {
         let slots = quantize_for(mats, &s.xn[..b * d], b, s.batch_exact, &mut s.acts);
         let mut group = [(qkv[0], Acts::rows(&[])); 3];
         for ((g, &m), &slot) in group.iter_mut().zip(mats).zip(&slots) {
-            *g = (m, acts_in(&s.acts, slot, &s.xn[..b * d], s.batch_exact));
+            *g = (m, acts_in(&s.acts, slot, s.batch_exact));
         }
         let mm = &mut s.mm[..(q_rows + 2 * kv) * b];
         matmul_group(&group[..mats.len()], b, mm);
@@ -457,10 +448,7 @@ impl Llama<'_> {
         );
         let attn_out = &mut s.mm[..d * na];
         matmul_group(
-            &[(
-                &lw.attn_output,
-                acts_in(&s.acts, slots[0], &s.att[..na * d], s.batch_exact),
-            )],
+            &[(&lw.attn_output, acts_in(&s.acts, slots[0], s.batch_exact))],
             na,
             attn_out,
         );
@@ -495,14 +483,8 @@ impl Llama<'_> {
         let mm = &mut s.mm[..2 * ff * r];
         matmul_group(
             &[
-                (
-                    gate_up[0],
-                    acts_in(&s.acts, slots[0], &s.xn[..r * d], s.batch_exact),
-                ),
-                (
-                    gate_up[1],
-                    acts_in(&s.acts, slots[1], &s.xn[..r * d], s.batch_exact),
-                ),
+                (gate_up[0], acts_in(&s.acts, slots[0], s.batch_exact)),
+                (gate_up[1], acts_in(&s.acts, slots[1], s.batch_exact)),
             ],
             r,
             mm,
@@ -523,7 +505,7 @@ impl Llama<'_> {
             &mut s.acts,
         );
         let ffn_out = &mut s.mm[..d * r];
-        let acts = acts_in(&s.acts, slots[0], &s.xn[..r * ff], s.batch_exact);
+        let acts = acts_in(&s.acts, slots[0], s.batch_exact);
         matmul_group(&[(&lw.ffn_down, acts)], r, ffn_out);
         tensor::add_rows(ffn_out, d, &s.ffn_rows, &mut s.x);
 
@@ -562,10 +544,7 @@ impl Llama<'_> {
         // result_output: [n, n_vocab].
         let out = &self.weights.output;
         let slots = quantize_for(&[out], &s.xn[..n * d], n, s.batch_exact, &mut s.acts);
-        let group = [(
-            out,
-            acts_in(&s.acts, slots[0], &s.xn[..n * d], s.batch_exact),
-        )];
+        let group = [(out, acts_in(&s.acts, slots[0], s.batch_exact))];
         let result: &[f32] = if n == 1 {
             matmul_group(&group, 1, &mut s.logits);
             &s.logits
