@@ -142,3 +142,57 @@ fn every_task_runs_on_stories260k_and_resumes() {
     assert_eq!(std::fs::read_to_string(&f).unwrap().lines().count(), 2);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// KL(full ‖ policy) through the whole pipeline: the full model's distributions are stored with
+/// its perplexity windows and read back for each policy. A policy that skips nothing computes
+/// the same logits, so its KLD is exactly 0 and its top-1 always agrees; one that skips 40% of
+/// the FFN blocks is measurably away from the full model.
+#[test]
+fn kl_divergence_to_the_full_model_on_stories260k() {
+    let Some(shared) = shared("kld_on_stories260k") else {
+        return;
+    };
+    let dir = shared.join("models/tinyllamas");
+    let gguf = TempFile(temp_path("kld", "stories260K.gguf"));
+    convert_llama2c(
+        &dir.join("stories260K.bin"),
+        &dir.join("tok512.bin"),
+        &gguf.0,
+    )
+    .unwrap();
+    let out = temp_path("kld", "results");
+    let file = GgufFile::open(&gguf.0).unwrap();
+    let model = Llama::load(&file).unwrap();
+    let mut cfg = config(&shared, &out, 1);
+    cfg.specs = ["none", "random:0", "adaptive:0.4"]
+        .iter()
+        .map(|s| PolicySpec::parse(s).unwrap())
+        .collect();
+    let ev = Evaluator::new(&gguf.0, &file, &model, cfg).unwrap();
+    let r = ev.run(Task::Perplexity, &mut |_| {}).unwrap();
+    assert_eq!(r.results[1].ffn_skip_ratio, 0.0);
+    assert_eq!(metric(&r, "random:0", "kld_mean"), 0.0);
+    assert_eq!(metric(&r, "random:0", "kld_p99"), 0.0);
+    assert_eq!(metric(&r, "random:0", "top1_agreement"), 1.0);
+    let (mean, median, p99) = (
+        metric(&r, "adaptive:0.4", "kld_mean"),
+        metric(&r, "adaptive:0.4", "kld_median"),
+        metric(&r, "adaptive:0.4", "kld_p99"),
+    );
+    assert!(
+        mean > 1e-4 && 0.0 <= median && median <= p99,
+        "{mean} {median} {p99}"
+    );
+    assert!((0.0..1.0).contains(&metric(&r, "adaptive:0.4", "top1_agreement")));
+    // Every scored position has its KLD: the window's tokens minus the first.
+    let text = std::fs::read_to_string(out.join("perplexity/adaptive-0.4.jsonl")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let n = metric(&r, "adaptive:0.4", "tokens") as usize;
+    assert_eq!(rec["kld"].as_array().map(Vec::len), Some(n));
+    let table = summary_markdown(std::slice::from_ref(&r));
+    assert!(
+        table.contains("| KLD mean (nats) | top-1 same |"),
+        "{table}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

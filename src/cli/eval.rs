@@ -1,5 +1,5 @@
 //! `ffnskip eval`: quality of each skip policy against the full model on FreebaseQA,
-//! wikitext-2 perplexity, MT-Bench agreement and CNN/DM summaries.
+//! wikitext-2 perplexity and KL divergence to the full model, MT-Bench agreement and CNN/DM summaries.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

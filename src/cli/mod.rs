@@ -46,8 +46,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Decode/prefill speed per model × skip policy vs llama.cpp on the same file.
     Bench(bench::BenchArgs),
-    /// Quality of skip policies vs the full model (FreebaseQA, perplexity, agreement,
-    /// summaries); resumable.
+    /// Quality of skip policies vs the full model (FreebaseQA, perplexity and KL divergence,
+    /// agreement, summaries); resumable.
     Eval(eval::EvalArgs),
     /// Measure the per-layer FFN similarity profile on calibration text (JSON, SVG, PNG) and
     /// suggest skip settings; optionally embed it in a copy of the model.

@@ -107,6 +107,13 @@ pub struct ItemRecord {
     pub decode_tokens: u64,
     pub decode_secs: f64,
     pub metrics: BTreeMap<String, f64>,
+    /// Perplexity windows of the full model: its distribution at each teacher-forced position
+    /// (top [`metrics::KLD_TOP_K`] tokens), the reference of every policy's KL divergence.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference: Vec<metrics::TopK>,
+    /// Perplexity windows of a policy: KL(full ‖ policy) in nats at each position.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kld: Vec<f32>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -308,6 +315,17 @@ impl<'m> Evaluator<'m> {
             }
             crate::outfile::ensure_not_input("result file", &path, &inputs)?;
             let mut done = load_records(&path)?;
+            if task == Task::Perplexity {
+                // Windows stored before KL divergence was measured run again.
+                let full = spec.policy == Policy::None;
+                done.retain(|_, r| {
+                    !(if full {
+                        r.reference.is_empty()
+                    } else {
+                        r.kld.is_empty()
+                    })
+                });
+            }
             let todo = items.iter().filter(|i| !done.contains_key(&i.id())).count();
             progress(&format!(
                 "{} / {}: {} items ({} done before)",
@@ -381,6 +399,7 @@ impl<'m> Evaluator<'m> {
         s.reset();
         s.controller.reset_stats();
         let mut m = BTreeMap::new();
+        let (mut reference, mut kld) = (Vec::new(), Vec::new());
         let Answer {
             text,
             tokens,
@@ -400,6 +419,25 @@ impl<'m> Evaluator<'m> {
                     nll -= metrics::log_softmax_at(row, next);
                 }
                 m.insert("nll_sum".into(), nll);
+                let rows = std::iter::once(&first[..]).chain(rest.chunks_exact(nv));
+                match full.map(|f| &f.reference) {
+                    // The full model: its distributions become the reference.
+                    None => {
+                        reference = rows
+                            .map(|r| metrics::top_k(r, metrics::KLD_TOP_K))
+                            .collect()
+                    }
+                    Some(refs) => {
+                        let mut same = 0usize;
+                        for (p, row) in refs.iter().zip(rows) {
+                            if let Some((kl, top1)) = metrics::kld_top_k(p, row) {
+                                kld.push(kl as f32);
+                                same += usize::from(top1);
+                            }
+                        }
+                        m.insert("top1_same".into(), same as f64);
+                    }
+                }
                 m.insert("predicted".into(), (tokens.len() - 1) as f64);
                 Answer {
                     text: String::new(),
@@ -501,6 +539,8 @@ impl<'m> Evaluator<'m> {
             decode_tokens,
             decode_secs,
             metrics: m,
+            reference,
+            kld,
         })
     }
 
@@ -607,6 +647,20 @@ fn aggregate(
                 .sum();
             if !reference.is_empty() {
                 m.insert("perplexity_vs_full".into(), ppl / (full / n.max(1.0)).exp());
+            }
+            // KL(full ‖ policy) over every scored position; the full model against itself is 0.
+            let mut kld: Vec<f32> = recs.iter().flat_map(|r| r.kld.iter().copied()).collect();
+            if spec.policy == Policy::None {
+                m.insert("kld_mean".into(), 0.0);
+                m.insert("top1_agreement".into(), 1.0);
+            } else if !kld.is_empty() {
+                kld.sort_by(f32::total_cmp);
+                let q = |f: f64| kld[((kld.len() - 1) as f64 * f).round() as usize] as f64;
+                m.insert("kld_mean".into(), mean(kld.iter().map(|&x| x as f64)));
+                m.insert("kld_median".into(), q(0.5));
+                m.insert("kld_p99".into(), q(0.99));
+                let same: f64 = recs.iter().filter_map(|r| r.metrics.get("top1_same")).sum();
+                m.insert("top1_agreement".into(), same / kld.len() as f64);
             }
         }
         _ => {
@@ -716,7 +770,9 @@ pub fn markdown(r: &TaskReport) -> String {
 pub fn summary_markdown(reports: &[TaskReport]) -> String {
     use std::fmt::Write as _;
     // (task, metric key, column title)
-    const COLUMNS: [(Task, &str, &str); 9] = [
+    const COLUMNS: [(Task, &str, &str); 11] = [
+        (Task::Perplexity, "kld_mean", "KLD mean (nats)"),
+        (Task::Perplexity, "top1_agreement", "top-1 same"),
         (Task::Perplexity, "perplexity_vs_full", "ppl ×full"),
         (Task::Freebaseqa, "accuracy_vs_full", "QA acc ×full"),
         (Task::Freebaseqa, "gold_logprob", "QA gold logprob"),

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::hash::Hash;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Articles removed by [`normalize_answer`] (SQuAD v1.1 `normalize_answer`).
 const ARTICLES: [&str; 3] = ["a", "an", "the"];
@@ -189,6 +189,89 @@ pub fn log_softmax_at(logits: &[f32], id: u32) -> f64 {
     }
     let sum: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
     logits[id] as f64 - (m + sum.ln())
+}
+
+/// Tokens of the reference distribution kept per position for [`kld_top_k`].
+pub const KLD_TOP_K: usize = 64;
+
+/// One position's reference distribution, kept compactly: its `k` most likely tokens and their
+/// log-probabilities (natural log), most likely first; the remaining mass is one bucket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopK {
+    pub ids: Vec<u32>,
+    pub logp: Vec<f32>,
+}
+
+/// log Σ e^x over a row, in f64 (NaN when no entry is finite).
+fn log_sum_exp(logits: &[f32]) -> f64 {
+    let m = logits
+        .iter()
+        .map(|&x| x as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    if !m.is_finite() {
+        return f64::NAN;
+    }
+    m + logits
+        .iter()
+        .map(|&x| (x as f64 - m).exp())
+        .sum::<f64>()
+        .ln()
+}
+
+/// The `k` most likely tokens of `logits` (ties by lower id) with their log-probabilities.
+pub fn top_k(logits: &[f32], k: usize) -> TopK {
+    let lse = log_sum_exp(logits);
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let by = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let k = k.min(idx.len());
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by);
+    }
+    idx.truncate(k);
+    idx.sort_unstable_by(by);
+    TopK {
+        logp: idx
+            .iter()
+            .map(|&i| (logits[i as usize] as f64 - lse) as f32)
+            .collect(),
+        ids: idx,
+    }
+}
+
+/// KL(P ‖ Q) in nats between a reference position `p` (its top tokens and one bucket for the
+/// rest) and the distribution of `logits`, over the same partition: Σ_top p·(ln p − ln q) plus
+/// the rest bucket's term. That is the exact KL divergence when the reference's top tokens hold
+/// all its mass, and a lower bound otherwise (the partition merges the tail). Also whether the
+/// most likely token is the same (ties by lower id). `None` for an empty reference or
+/// non-finite logits.
+pub fn kld_top_k(p: &TopK, logits: &[f32]) -> Option<(f64, bool)> {
+    let lse = log_sum_exp(logits);
+    if p.ids.is_empty() || !lse.is_finite() {
+        return None;
+    }
+    let (mut kl, mut p_top, mut q_top) = (0.0f64, 0.0f64, 0.0f64);
+    for (&id, &lp) in p.ids.iter().zip(&p.logp) {
+        // Rounded as the reference's log-probabilities are stored, so that identical logits
+        // give exactly 0.
+        let lq = ((*logits.get(id as usize)? as f64 - lse) as f32) as f64;
+        let (lp, pp) = (lp as f64, (lp as f64).exp());
+        kl += pp * (lp - lq);
+        p_top += pp;
+        q_top += lq.exp();
+    }
+    let (p_rest, q_rest) = ((1.0 - p_top).max(0.0), (1.0 - q_top).max(0.0));
+    if p_rest > 1e-12 {
+        kl += p_rest * (p_rest.ln() - q_rest.max(f64::MIN_POSITIVE).ln());
+    }
+    let best = logits
+        .iter()
+        .enumerate()
+        .fold(0usize, |b, (i, &x)| if x > logits[b] { i } else { b });
+    Some((kl.max(0.0), best as u32 == p.ids[0]))
 }
 
 #[cfg(test)]
@@ -375,5 +458,35 @@ mod tests {
     #[should_panic(expected = "token id 3 out of range for 3 logits")]
     fn log_softmax_id_out_of_range() {
         log_softmax_at(&[0.0, 0.0, 0.0], 3);
+    }
+
+    #[test]
+    fn kld_of_a_distribution_with_itself_is_zero_and_top1_agrees() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32) * 0.07).collect();
+        for k in [1, 64, 1000] {
+            let p = top_k(&logits, k);
+            let (kl, same) = kld_top_k(&p, &logits).unwrap();
+            assert_eq!(kl, 0.0, "k {k}");
+            assert!(same);
+        }
+    }
+
+    /// A 3-token vocabulary, by hand: P = (1/2, 1/4, 1/4) from logits ln(2, 1, 1), Q uniform.
+    /// KL = ½·ln(3/2) + 2·¼·ln(3/4) = ½·ln(9/8) ≈ 0.058892.
+    #[test]
+    fn kld_on_three_tokens_by_hand() {
+        let p = top_k(&[2f32.ln(), 0.0, 0.0], 3);
+        assert_eq!(p.ids, vec![0, 1, 2]);
+        let (kl, same) = kld_top_k(&p, &[5.0, 5.0, 5.0]).unwrap();
+        assert!((kl - 0.5 * (9.0f64 / 8.0).ln()).abs() < 1e-6, "{kl}");
+        assert!(same, "ties go to the lower id");
+        // Top 1 only: P = (½ | ½ rest), Q = (⅓ | ⅔): ½·ln(3/2) + ½·ln(3/4) = ½·ln(9/8) too.
+        let p1 = top_k(&[2f32.ln(), 0.0, 0.0], 1);
+        let (kl1, _) = kld_top_k(&p1, &[5.0, 5.0, 5.0]).unwrap();
+        assert!((kl1 - 0.5 * (9.0f64 / 8.0).ln()).abs() < 1e-6, "{kl1}");
+        // Q puts its maximum elsewhere: top-1 differs.
+        let (_, same) = kld_top_k(&p, &[0.0, 1.0, 0.0]).unwrap();
+        assert!(!same);
+        assert_eq!(kld_top_k(&p, &[f32::NAN; 3]), None);
     }
 }
