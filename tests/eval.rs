@@ -33,6 +33,7 @@ fn config(shared: &Path, out: &Path, limit: usize) -> EvalConfig {
         profile: None,
         out_dir: out.to_path_buf(),
         gen_tokens: 12,
+        code_format: Default::default(),
     }
 }
 
@@ -84,13 +85,14 @@ fn every_task_runs_on_stories260k_and_resumes() {
         assert_eq!(r.results[0].weight_bytes_skipped, 0.0);
         reports.push(r);
     }
-    let [qa, ppl, agree, summ] = &reports[..] else {
+    let [qa, ppl, agree, summ, code] = &reports[..] else {
         unreachable!()
     };
     let p_full = metric(ppl, "none", "perplexity");
     assert!(p_full > 1.0 && p_full < 512.0, "perplexity {p_full}");
     assert!(metric(ppl, "adaptive:0.4", "perplexity_vs_full").is_finite());
-    for r in [qa, agree, summ] {
+    assert!((0.0..=1.0).contains(&metric(code, "none", "pass_at_1")));
+    for r in [qa, agree, summ, code] {
         let m = metric(r, "adaptive:0.4", "match_rate");
         assert!((0.0..=1.0).contains(&m));
         assert!(metric(r, "none", "collapse") >= 0.0);
@@ -103,7 +105,7 @@ fn every_task_runs_on_stories260k_and_resumes() {
         .unwrap_or_else(|| panic!("{table}"));
     // Ratios per task (all 40%), then the perplexity ratio against the full model.
     assert!(
-        random.starts_with("| random:0.4 | 40.0 / 40.0 / 40.0 / 40.0% |"),
+        random.starts_with("| random:0.4 | 40.0 / 40.0 / 40.0 / 40.0 / 40.0% |"),
         "{random}"
     );
     assert!(

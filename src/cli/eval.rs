@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::{model_path, open_gguf};
 use crate::measure::bench::PolicySpec;
+use crate::measure::code::CodeFormat;
 use crate::measure::eval::{markdown, summary_markdown, EvalConfig, Evaluator, Task};
 use crate::model::Llama;
 use crate::skip::SkipOptions;
@@ -17,7 +18,7 @@ pub struct EvalArgs {
     /// GGUF model file or catalogue name (default: the default model).
     #[arg(short = 'm', long = "model", value_name = "PATH|NAME")]
     pub model: Option<PathBuf>,
-    /// Tasks (freebaseqa, perplexity, agreement, summarize), comma-separated, or `all`.
+    /// Tasks (freebaseqa, perplexity, agreement, summarize, code), comma-separated, or `all`.
     #[arg(long = "task", value_delimiter = ',', default_value = "all")]
     pub task: Vec<String>,
     /// Policies as NAME[:RATIO], comma-separated or repeated; `none` (the reference) always
@@ -33,7 +34,7 @@ pub struct EvalArgs {
     pub data: Option<PathBuf>,
     /// Items per task: N for every task, or TASK=N, comma-separated (defaults: FreebaseQA 200,
     /// perplexity windows of 512 tokens 8, MT-Bench 20, CNN/DM stories 6 — a third per length
-    /// bucket).
+    /// bucket, code problems 50).
     #[arg(long = "limit", value_delimiter = ',')]
     pub limit: Vec<String>,
     /// Most tokens generated per answer for agreement and summarize.
@@ -62,11 +63,17 @@ pub struct EvalArgs {
     /// Print JSON (one object per task) instead of markdown tables.
     #[arg(long)]
     pub json: bool,
+    /// Layout of the code task's problems: MBPP's JSON array (the default, sanitized MBPP from
+    /// the data directory) or HumanEval's JSONL (pass the file with --data).
+    #[arg(long = "code-format", value_enum, default_value = "mbpp")]
+    pub code_format: CodeFormat,
 }
 
 fn parse_task(s: &str) -> anyhow::Result<Task> {
     <Task as clap::ValueEnum>::from_str(s.trim(), true).map_err(|_| {
-        anyhow::anyhow!("--task {s}: expected freebaseqa, perplexity, agreement, summarize or all")
+        anyhow::anyhow!(
+            "--task {s}: expected freebaseqa, perplexity, agreement, summarize, code or all"
+        )
     })
 }
 
@@ -80,7 +87,7 @@ fn parse_limits(v: &[String]) -> anyhow::Result<(Option<usize>, BTreeMap<String,
                 Some(parse_task(t).map_err(|_| {
                     anyhow::anyhow!(
                         "--limit {e}: unknown task {t}; expected freebaseqa, perplexity, \
-                         agreement or summarize"
+                         agreement, summarize or code"
                     )
                 })?),
                 n,
@@ -144,6 +151,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         // Results depend on the model, generation length and warm-up: keep them apart.
         out_dir: a.out.join(format!("{stem}-g{}{warmup_tag}", a.gen_tokens)),
         gen_tokens: a.gen_tokens,
+        code_format: a.code_format,
     };
     let ev = Evaluator::new(&path, &file, &model, cfg)?;
     let mut reports = Vec::new();
@@ -177,7 +185,7 @@ mod tests {
         let e = parse_limits(&v("qa=3")).unwrap_err().to_string();
         assert_eq!(
             e,
-            "--limit qa=3: unknown task qa; expected freebaseqa, perplexity, agreement or summarize"
+            "--limit qa=3: unknown task qa; expected freebaseqa, perplexity, agreement, summarize or code"
         );
         let e = parse_limits(&v("agreement=0")).unwrap_err().to_string();
         assert_eq!(

@@ -204,7 +204,10 @@ fn read_text(path: &Path) -> anyhow::Result<String> {
 /// Parses one JSON object per non-blank line; returns (1-based line, record). `what` names
 /// the record kind in errors, e.g. `FILE:3: not a FreebaseQA record: missing field
 /// `answers` at column 29`. An input without records is an error.
-fn read_jsonl<T: DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<Vec<(usize, T)>> {
+pub(crate) fn read_jsonl<T: DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> anyhow::Result<Vec<(usize, T)>> {
     let text = read_text(path)?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -240,7 +243,7 @@ fn json_message(e: &serde_json::Error) -> String {
 }
 
 /// Errors on the second occurrence of an id, naming both lines.
-fn check_unique<T, K: Eq + Hash + std::fmt::Debug>(
+pub(crate) fn check_unique<T, K: Eq + Hash + std::fmt::Debug>(
     path: &Path,
     rows: &[(usize, T)],
     key: impl Fn(&T) -> &K,

@@ -10,6 +10,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::bench::PolicySpec;
+use super::code::{self, CodeFormat, CodeProblem};
 use super::data::{self, MtBenchItem, QaItem, Story};
 use super::metrics;
 use crate::chat::{ChatTemplate, Message};
@@ -28,14 +29,16 @@ pub enum Task {
     Perplexity,
     Agreement,
     Summarize,
+    Code,
 }
 
 impl Task {
-    pub const ALL: [Task; 4] = [
+    pub const ALL: [Task; 5] = [
         Task::Freebaseqa,
         Task::Perplexity,
         Task::Agreement,
         Task::Summarize,
+        Task::Code,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Task {
             Task::Perplexity => "perplexity",
             Task::Agreement => "agreement",
             Task::Summarize => "summarize",
+            Task::Code => "code",
         }
     }
 
@@ -54,6 +58,7 @@ impl Task {
             Task::Perplexity => 8,
             Task::Agreement => 20,
             Task::Summarize => 6,
+            Task::Code => 50,
         }
     }
 }
@@ -65,6 +70,9 @@ pub const FREEBASEQA_PROMPT: &str =
 /// The summarization prompt (user turn), after LLM-KICK's CNN/DM setup.
 pub const SUMMARIZE_PROMPT: &str =
     "Summarize the following news article in three sentences.\n\n{article}";
+/// Most tokens generated per code completion (it usually stops earlier, at the end of the
+/// function).
+pub const CODE_TOKENS: usize = 384;
 /// Tokens per perplexity window (the first token is the prompt, the rest teacher-forced).
 pub const PPL_WINDOW: usize = 512;
 
@@ -85,6 +93,8 @@ pub struct EvalConfig {
     pub out_dir: PathBuf,
     /// Most tokens generated per answer (agreement, summarize; FreebaseQA uses 32).
     pub gen_tokens: usize,
+    /// Layout of the code task's problem file.
+    pub code_format: CodeFormat,
 }
 
 /// One item's outcome under one policy, as stored in the JSONL files.
@@ -140,6 +150,7 @@ enum Item {
     Ppl { id: String, tokens: Vec<u32> },
     Chat(MtBenchItem),
     Story(Story),
+    Code(CodeProblem),
 }
 
 impl Item {
@@ -149,6 +160,7 @@ impl Item {
             Item::Ppl { id, .. } => id.clone(),
             Item::Chat(m) => m.id.to_string(),
             Item::Story(s) => format!("{}/{}", s.bucket, s.id),
+            Item::Code(p) => p.id.clone(),
         }
     }
 }
@@ -273,6 +285,22 @@ impl<'m> Evaluator<'m> {
                     })
                     .take(limit)
                     .map(Item::Story)
+                    .collect()
+            }
+            Task::Code => {
+                let file = match self.cfg.code_format {
+                    CodeFormat::Mbpp => data::resolve(data, code::MBPP_SANITIZED)?,
+                    CodeFormat::Humaneval => match data {
+                        Some(p) if p.is_file() => p.to_path_buf(),
+                        _ => anyhow::bail!(
+                            "--code-format humaneval: pass the problem file with --data FILE.jsonl"
+                        ),
+                    },
+                };
+                code::load_problems(&file, self.cfg.code_format)?
+                    .into_iter()
+                    .take(limit)
+                    .map(Item::Code)
                     .collect()
             }
             Task::Perplexity => {
@@ -487,6 +515,21 @@ impl<'m> Evaluator<'m> {
                 let ids = self.prompt(&c.first_turn, &c.first_turn)?;
                 self.greedy(s, &ids, self.cfg.gen_tokens)?
             }
+            Item::Code(p) => {
+                // Completion mode: the raw prompt, no chat template; stop at the function's end.
+                let ids = self.tokenizer.encode(&p.prompt, true, false);
+                let g = self.greedy_until(s, &ids, CODE_TOKENS, &p.stop)?;
+                let outcome = code::run_program(&p.program(&g.text), code::Limits::default())?;
+                m.insert(
+                    "passed".into(),
+                    f64::from(u8::from(outcome == code::Outcome::Passed)),
+                );
+                m.insert(
+                    "timed_out".into(),
+                    f64::from(u8::from(outcome == code::Outcome::TimedOut)),
+                );
+                g
+            }
             Item::Story(st) => {
                 // Articles longer than the context allows are cut (by words) to fit.
                 let budget = s.n_ctx().saturating_sub(self.cfg.gen_tokens + 8);
@@ -551,6 +594,17 @@ impl<'m> Evaluator<'m> {
         prompt: &[u32],
         max: usize,
     ) -> anyhow::Result<Answer> {
+        self.greedy_until(s, prompt, max, &[])
+    }
+
+    /// [`Self::greedy`], stopping before any of `stop`.
+    fn greedy_until(
+        &self,
+        s: &mut Session<'_, SkipController>,
+        prompt: &[u32],
+        max: usize,
+        stop: &[String],
+    ) -> anyhow::Result<Answer> {
         let free = s.n_ctx().saturating_sub(prompt.len() + 1);
         let mut sampler = Sampler::new(SamplerConfig::greedy());
         let g = generate(
@@ -560,7 +614,7 @@ impl<'m> Evaluator<'m> {
             prompt,
             &GenerateOptions {
                 max_tokens: max.min(free).max(1),
-                stop: Vec::new(),
+                stop: stop.to_vec(),
             },
             &mut |_: &str| std::ops::ControlFlow::Continue(()),
         )?;
@@ -665,6 +719,8 @@ fn aggregate(
         }
         _ => {
             for k in [
+                "passed",
+                "timed_out",
                 "correct",
                 "gold_logprob",
                 "collapse",
@@ -676,17 +732,24 @@ fn aggregate(
             ] {
                 let v = metric(k);
                 if !v.is_nan() {
-                    let name = if k == "correct" { "accuracy" } else { k };
+                    let name = match k {
+                        "correct" => "accuracy",
+                        "passed" => "pass_at_1",
+                        _ => k,
+                    };
                     m.insert(name.into(), v);
                 }
             }
-            if task == Task::Freebaseqa && !reference.is_empty() {
-                let full_acc = mean(
+            for (key, name) in [("correct", "accuracy_vs_full"), ("passed", "pass_vs_full")] {
+                if reference.is_empty() || metric(key).is_nan() {
+                    continue;
+                }
+                let full = mean(
                     recs.iter()
-                        .filter_map(|r| reference.get(&r.id)?.metrics.get("correct").copied()),
+                        .filter_map(|r| reference.get(&r.id)?.metrics.get(key).copied()),
                 );
-                if full_acc > 0.0 {
-                    m.insert("accuracy_vs_full".into(), metric("correct") / full_acc);
+                if full > 0.0 {
+                    m.insert(name.into(), metric(key) / full);
                 }
             }
         }
@@ -770,7 +833,9 @@ pub fn markdown(r: &TaskReport) -> String {
 pub fn summary_markdown(reports: &[TaskReport]) -> String {
     use std::fmt::Write as _;
     // (task, metric key, column title)
-    const COLUMNS: [(Task, &str, &str); 11] = [
+    const COLUMNS: [(Task, &str, &str); 13] = [
+        (Task::Code, "pass_at_1", "code pass@1"),
+        (Task::Code, "identical_to_full", "code same as full"),
         (Task::Perplexity, "kld_mean", "KLD mean (nats)"),
         (Task::Perplexity, "top1_agreement", "top-1 same"),
         (Task::Perplexity, "perplexity_vs_full", "ppl ×full"),
