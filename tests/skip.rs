@@ -97,6 +97,14 @@ fn test_profile(n: usize) -> Profile {
             simulated_ratio: 0.25,
             simulated_damage: 0.1,
         }],
+        // Estimates for `--compensate`, sized for the default model (n_embd 576).
+        ffn_mean: (0..n)
+            .map(|l| {
+                (0..576)
+                    .map(|i| ((i * 7 + l) % 13) as f32 * 0.02 - 0.12)
+                    .collect()
+            })
+            .collect(),
     }
 }
 
@@ -327,12 +335,20 @@ fn batched_equals_sequential_under_every_policy() {
     let ids = prompt(&file);
     let (cont, _) = greedy(&mut Session::new(&model, config()).unwrap(), &ids, 40);
     let profile = test_profile(30);
-    for policy in Policy::ALL {
+    let mut plain_logits: Option<Vec<f32>> = None;
+    let cases = Policy::ALL.iter().map(|&p| (p, false)).chain([
+        (Policy::Adaptive, true),
+        (Policy::Random, true),
+        (Policy::Static, true),
+    ]);
+    for (policy, compensate) in cases {
         let o = SkipOptions {
             warmup: Some(3),
             seed: 3,
+            compensate,
             ..opts(policy, 0.3)
         };
+        let policy = format!("{policy:?}{}", if compensate { "+mean" } else { "" });
         // Exact batches, as `eval` runs them: teacher forcing must score what decoding does.
         let exact = SessionConfig {
             exact_batches: true,
@@ -359,7 +375,7 @@ fn batched_equals_sequential_under_every_policy() {
             seq.controller.stats.skipped_ffn, bat.controller.stats.skipped_ffn,
             "{policy:?}"
         );
-        if policy != Policy::None {
+        if policy != "None" {
             assert!(
                 bat.controller.stats.skipped_ffn > 0,
                 "{policy:?} skipped nothing"
@@ -370,6 +386,15 @@ fn batched_equals_sequential_under_every_policy() {
             "{policy:?}: batched logits differ from sequential (max |Δ| {})",
             common::max_abs_diff(&seq_logits, &bat_logits)
         );
+        // The estimate is added: the same skips give other logits than without it.
+        match policy.as_str() {
+            "Random" => plain_logits = Some(bat_logits.clone()),
+            "Random+mean" => assert!(
+                plain_logits.as_deref() != Some(&bat_logits[..]),
+                "+mean changed nothing"
+            ),
+            _ => {}
+        }
     }
 }
 
@@ -458,6 +483,10 @@ fn calibrate_and_round_trip(path: &std::path::Path, text: &str, tokens: usize) -
     assert_eq!(rec.tokens(), ids.len());
     assert_eq!(p.n_layer, model.config.n_layer);
     assert_eq!(p.suggestions.len(), 5);
+    // Mean FFN output per layer (compensation), finite and not all zero.
+    assert_eq!(p.ffn_mean.len(), p.n_layer);
+    assert!(p.ffn_mean.iter().all(|v| v.len() == model.config.n_embd));
+    assert!(p.ffn_mean.iter().flatten().any(|&x| x != 0.0));
     let json = TempFile(temp_path("skip", "profile.json"));
     profile_file::save_json(&p, &json.0).unwrap();
     assert_eq!(profile_file::load_json(&json.0).unwrap(), p);
@@ -539,4 +568,28 @@ fn calibration_runs_on_stories260k() {
     let st = &s.controller.stats;
     assert_eq!(st.counted_tokens, 9);
     assert!(st.skipped_ffn > 0 && st.skipped_ffn <= 9 * 3, "{st:?}");
+}
+
+#[test]
+fn compensation_needs_a_profile_with_ffn_mean_and_an_ffn_policy() {
+    let mut p = test_profile(30);
+    p.ffn_mean.clear();
+    let o = SkipOptions {
+        compensate: true,
+        ..opts(Policy::Adaptive, 0.25)
+    };
+    let e = SkipParams::resolve(&o, 30, Some((&p, "old.json"))).unwrap_err();
+    assert_eq!(e, ParamsError::NeedsFfnMean);
+    let msg = ffnskip::skip_setup::flag_message(&e);
+    assert!(
+        msg.starts_with("--skip …+mean adds the calibrated mean FFN output"),
+        "{msg}"
+    );
+    assert!(msg.contains("rerun `ffnskip calibrate -m MODEL`"), "{msg}");
+    let e = ffnskip::measure::bench::PolicySpec::parse("shortgpt+mean:0.2")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("--skip shortgpt+mean:0.2: +mean"), "{e}");
+    let s = ffnskip::measure::bench::PolicySpec::parse("random+mean:0.2").unwrap();
+    assert!(s.compensate && s.label() == "random+mean:0.2");
 }

@@ -343,6 +343,10 @@ pub struct SkipArgs {
     /// Every N-th token after warm-up runs in full (0 = never; the authors' code uses 6).
     #[arg(long = "full-every")]
     pub full_every: Option<usize>,
+    /// Add each skipped layer's calibrated mean FFN output instead of nothing (needs a
+    /// profile from this version's `calibrate`).
+    #[arg(long = "compensate")]
+    pub compensate: bool,
     /// Calibration profile JSON from `ffnskip calibrate` (default: the one embedded in the
     /// model, if any).
     #[arg(long = "skip-profile")]
@@ -362,6 +366,7 @@ impl SkipArgs {
             cold_end: self.cold_end,
             full_every: self.full_every,
             seed: seed.unwrap_or(0),
+            compensate: self.compensate,
         }
     }
 

@@ -14,11 +14,13 @@ use crate::session::{Session, SessionConfig};
 use crate::skip::{Policy, SkipOptions};
 use crate::skip_setup;
 
-/// One policy to measure: `name[:ratio]` on the command line.
+/// One policy to measure: `name[+mean][:ratio]` on the command line (`+mean`: each skipped
+/// FFN's calibrated mean output is added instead of nothing).
 #[derive(Clone, Debug)]
 pub struct PolicySpec {
     pub policy: Policy,
     pub ratio: f64,
+    pub compensate: bool,
 }
 
 impl PolicySpec {
@@ -36,19 +38,33 @@ impl PolicySpec {
             ),
             None => (s, crate::skip::params::DEFAULT_RATIO),
         };
+        let (name, compensate) = match name.strip_suffix("+mean") {
+            Some(n) => (n, true),
+            None => (name, false),
+        };
         let policy = Policy::parse(name).ok_or_else(|| {
             anyhow::anyhow!(
-                "--skip {s}: unknown policy '{name}' (expected none, adaptive, random, static, shortgpt or early-exit, optionally with :RATIO)"
+                "--skip {s}: unknown policy '{name}' (expected none, adaptive, random, static, shortgpt or early-exit, optionally with +mean and :RATIO)"
             )
         })?;
+        anyhow::ensure!(
+            !compensate || matches!(policy, Policy::Adaptive | Policy::Random | Policy::Static),
+            "--skip {s}: +mean (the calibrated FFN output in place of a skipped FFN) applies to \
+             adaptive, random and static, which skip FFN blocks only"
+        );
         let ratio = if policy == Policy::None { 0.0 } else { ratio };
-        Ok(PolicySpec { policy, ratio })
+        Ok(PolicySpec {
+            policy,
+            ratio,
+            compensate,
+        })
     }
 
     pub fn label(&self) -> String {
+        let plus = if self.compensate { "+mean" } else { "" };
         match self.policy {
             Policy::None => "none".into(),
-            p => format!("{}:{}", p.name(), self.ratio),
+            p => format!("{}{plus}:{}", p.name(), self.ratio),
         }
     }
 }
@@ -222,6 +238,7 @@ pub fn bench_model(
         let opts = SkipOptions {
             policy: spec.policy,
             ratio: Some(spec.ratio),
+            compensate: spec.compensate,
             ..cfg.base.clone()
         };
         let setup = skip_setup::build(&opts, profile.as_ref(), &model)

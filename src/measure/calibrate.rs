@@ -21,6 +21,9 @@ pub struct Recorder {
     pub layer: Vec<f32>,
     /// Layer inputs of the current call's rows, `[rows, n_embd]`.
     inputs: Vec<f32>,
+    /// Σ FFN output (l_out − ffn_inp) per layer over the tokens after the first,
+    /// `[n_layer, n_embd]` (sized on first use).
+    pub ffn_sum: Vec<f64>,
 }
 
 impl Recorder {
@@ -31,6 +34,7 @@ impl Recorder {
             ffn: Vec::new(),
             layer: Vec::new(),
             inputs: Vec::new(),
+            ffn_sum: Vec::new(),
         }
     }
 
@@ -68,6 +72,15 @@ impl Controller for Recorder {
         let i = (self.base + row) * self.n_layer + layer;
         self.ffn[i] = cosine(before, after);
         self.layer[i] = cosine(&self.inputs[row * d..(row + 1) * d], after);
+        if self.base + row > 0 {
+            if self.ffn_sum.is_empty() {
+                self.ffn_sum = vec![0.0; self.n_layer * d];
+            }
+            let sum = &mut self.ffn_sum[layer * d..(layer + 1) * d];
+            for ((s, &a), &b) in sum.iter_mut().zip(after).zip(before) {
+                *s += f64::from(a - b);
+            }
+        }
     }
 }
 
@@ -268,6 +281,14 @@ pub fn calibrate(
         cold_end: cold.1,
         full_every,
         suggestions,
+        ffn_mean: {
+            let n = (tokens.len() - 1) as f64;
+            let d = rec.ffn_sum.len() / n_layer;
+            rec.ffn_sum
+                .chunks_exact(d.max(1))
+                .map(|l| l.iter().map(|&s| (s / n) as f32).collect())
+                .collect()
+        },
     };
     profile.validate()?;
     Ok((profile, rec))

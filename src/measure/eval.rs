@@ -212,6 +212,7 @@ impl<'m> Evaluator<'m> {
         let mut specs = vec![PolicySpec {
             policy: Policy::None,
             ratio: 0.0,
+            compensate: false,
         }];
         specs.extend(
             self.cfg
@@ -227,6 +228,7 @@ impl<'m> Evaluator<'m> {
         let opts = SkipOptions {
             policy: spec.policy,
             ratio: Some(spec.ratio),
+            compensate: spec.compensate,
             ..self.cfg.base.clone()
         };
         let setup = skip_setup::build(&opts, self.profile.as_ref(), self.model)

@@ -327,6 +327,11 @@ impl Llama<'_> {
         for &i in &s.active {
             if controller.run_ffn(l, i, &s.x[i * d..(i + 1) * d]) {
                 s.ffn_rows.push(i);
+            } else if let Some(e) = controller.skipped_ffn_estimate(l) {
+                // l_out = ffn_inp + the estimate of the skipped FFN's output.
+                for (x, &v) in s.x[i * d..(i + 1) * d].iter_mut().zip(e) {
+                    *x += v;
+                }
             }
         }
         if s.ffn_rows.is_empty() {

@@ -194,6 +194,10 @@ impl Controller for SkipController {
             && self.trace[row * self.params.n_layer + layer] == Decision::Exited
     }
 
+    fn skipped_ffn_estimate(&self, layer: usize) -> Option<&[f32]> {
+        self.params.ffn_estimate.get(layer).map(Vec::as_slice)
+    }
+
     fn run_ffn(&mut self, layer: usize, row: usize, _ffn_inp: &[f32]) -> bool {
         let n = self.params.n_layer;
         match self.params.policy {
@@ -293,6 +297,7 @@ mod tests {
             removed: Vec::new(),
             seed: 7,
             source: "test".into(),
+            ffn_estimate: Vec::new(),
         }
     }
 

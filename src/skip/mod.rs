@@ -54,6 +54,13 @@ pub trait Controller: Send {
         true
     }
 
+    /// What the forward pass adds to a row in place of layer `layer`'s FFN output when
+    /// [`Controller::run_ffn`] said no (`[n_embd]`); `None` adds nothing (the paper).
+    #[inline]
+    fn skipped_ffn_estimate(&self, _layer: usize) -> Option<&[f32]> {
+        None
+    }
+
     /// Whether [`Controller::after_ffn`] is wanted in this call (the forward pass keeps a copy
     /// of `ffn_inp` only then).
     #[inline]

@@ -64,6 +64,8 @@ pub struct SkipOptions {
     pub cold_end: Option<usize>,
     pub full_every: Option<usize>,
     pub seed: u64,
+    /// Add the layer's calibrated mean FFN output in place of a skipped FFN.
+    pub compensate: bool,
 }
 
 impl SkipOptions {
@@ -81,6 +83,7 @@ impl SkipOptions {
             cold_end: None,
             full_every: None,
             seed: 0,
+            compensate: false,
         }
     }
 }
@@ -111,6 +114,9 @@ pub enum ParamsError {
     /// ShortGPT ranks layers by Block Influence, which only a calibration profile has.
     #[error("policy {} ranks layers by Block Influence and needs a calibration profile", .0.name())]
     NeedsProfile(Policy),
+    /// Compensation adds the profile's mean FFN outputs, which older profiles lack.
+    #[error("compensation needs a calibration profile with ffn_mean")]
+    NeedsFfnMean,
 }
 
 /// Default target ratio when no ratio is given.
@@ -136,6 +142,8 @@ pub struct SkipParams {
     pub seed: u64,
     /// Where the parameters came from, for the user.
     pub source: String,
+    /// Per layer `[n_embd]`: added to a row whose FFN is skipped (empty: nothing added).
+    pub ffn_estimate: Vec<Vec<f32>>,
 }
 
 impl SkipParams {
@@ -156,6 +164,7 @@ impl SkipParams {
             removed: Vec::new(),
             seed: 0,
             source: "full model".into(),
+            ffn_estimate: Vec::new(),
         }
     }
 
@@ -259,6 +268,11 @@ impl SkipParams {
         if let Some(t) = opts.threshold {
             threshold = t;
         }
+        let ffn_estimate = match (opts.compensate, profile) {
+            (false, _) => Vec::new(),
+            (true, Some((p, _))) if !p.ffn_mean.is_empty() => p.ffn_mean.clone(),
+            (true, _) => return Err(ParamsError::NeedsFfnMean),
+        };
         Ok(SkipParams {
             policy: opts.policy,
             n_layer,
@@ -270,6 +284,7 @@ impl SkipParams {
             removed,
             seed: opts.seed,
             source,
+            ffn_estimate,
         })
     }
 

@@ -53,6 +53,10 @@ pub struct Profile {
     /// `Schedule::full_every` the suggestions were simulated with.
     pub full_every: usize,
     pub suggestions: Vec<Suggestion>,
+    /// Mean FFN output per layer `[n_layer][n_embd]` over the calibration tokens: the estimate
+    /// added in place of a skipped FFN (`+mean` policies). Empty in profiles written before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ffn_mean: Vec<Vec<f32>>,
 }
 
 impl Profile {
@@ -71,6 +75,17 @@ impl Profile {
             ("block_influence", self.block_influence.len()),
         ] {
             anyhow::ensure!(len == n, "{name} has {len} layers, expected n_layer = {n}");
+        }
+        if let Some(first) = self.ffn_mean.first() {
+            anyhow::ensure!(
+                self.ffn_mean.len() == n && self.ffn_mean.iter().all(|v| v.len() == first.len()),
+                "ffn_mean has {} layers of unequal or wrong length, expected n_layer = {n} rows of n_embd",
+                self.ffn_mean.len()
+            );
+            anyhow::ensure!(
+                self.ffn_mean.iter().flatten().all(|x| x.is_finite()),
+                "ffn_mean holds a non-finite value"
+            );
         }
         anyhow::ensure!(
             self.cold_start + self.cold_end <= n,

@@ -101,6 +101,10 @@ pub fn flag_message(e: &ParamsError) -> String {
             p.name()
         ),
         ParamsError::ProfileLayers { .. } => e.to_string(),
+        ParamsError::NeedsFfnMean => "--skip …+mean adds the calibrated mean FFN output of each \
+             skipped layer, which this profile lacks: rerun `ffnskip calibrate -m MODEL` and pass \
+             --skip-profile PROFILE.json (or embed it with --embed)"
+            .into(),
     }
 }
 

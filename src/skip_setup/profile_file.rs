@@ -85,6 +85,13 @@ pub fn to_gguf(p: &Profile, w: &mut GgufWriter) {
         "ffnskip.suggest.threshold",
         f32_array(s.iter().map(|s| s.threshold)),
     );
+    if !p.ffn_mean.is_empty() {
+        // [n_layer][n_embd], layer after layer.
+        w.set(
+            "ffnskip.profile.ffn_mean",
+            f32_array(p.ffn_mean.iter().flatten().copied()),
+        );
+    }
 }
 
 /// Reads a profile written by [`to_gguf`]; `None` when the file has none.
@@ -170,6 +177,17 @@ pub fn from_gguf(f: &GgufFile) -> anyhow::Result<Option<Profile>> {
                 simulated_damage: damage[i],
             })
             .collect(),
+        ffn_mean: match f.opt_f32_array("ffnskip.profile.ffn_mean")? {
+            None => Vec::new(),
+            Some(v) => {
+                anyhow::ensure!(
+                    !v.is_empty() && v.len().is_multiple_of(n),
+                    "{path}: ffnskip.profile.ffn_mean has {} values, not n_layer = {n} rows",
+                    v.len()
+                );
+                v.chunks_exact(v.len() / n).map(<[f32]>::to_vec).collect()
+            }
+        },
     };
     p.validate()
         .with_context(|| format!("{path}: invalid embedded ffnskip profile"))?;
@@ -224,6 +242,10 @@ mod tests {
                 simulated_ratio: 0.2499,
                 simulated_damage: 0.01,
             }],
+            // The compensation estimates travel with it.
+            ffn_mean: (0..4)
+                .map(|l| vec![l as f32, -0.5, 1.0 / (l + 3) as f32])
+                .collect(),
         }
     }
 
