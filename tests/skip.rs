@@ -97,6 +97,7 @@ fn test_profile(n: usize) -> Profile {
             simulated_ratio: 0.25,
             simulated_damage: 0.1,
         }],
+        kld_curve: Vec::new(),
         // Estimates for `--compensate`, sized for the default model (n_embd 576).
         ffn_mean: (0..n)
             .map(|l| {
@@ -592,4 +593,94 @@ fn compensation_needs_a_profile_with_ffn_mean_and_an_ffn_policy() {
     assert!(e.starts_with("--skip shortgpt+mean:0.2: +mean"), "{e}");
     let s = ffnskip::measure::bench::PolicySpec::parse("random+mean:0.2").unwrap();
     assert!(s.compensate && s.label() == "random+mean:0.2");
+}
+
+/// `--max-kld X`: calibration records adaptive's KL divergence to the full model at each
+/// ratio (with and without compensation, the same numbers when measured again), and a budget
+/// picks the largest calibrated ratio whose KLD stays within it.
+#[test]
+fn max_kld_picks_the_largest_calibrated_ratio_within_budget() {
+    let Some(shared) = shared("max_kld_on_stories260k") else {
+        return;
+    };
+    let dir = shared.join("models/tinyllamas");
+    let out = TempFile(temp_path("skip", "stories260K-kld.gguf"));
+    convert_llama2c(
+        &dir.join("stories260K.bin"),
+        &dir.join("tok512.bin"),
+        &out.0,
+    )
+    .unwrap();
+    let text = "Once upon a time, there was a little girl named Lily. She loved to play outside. \
+                One day, she saw a big dog in the park and she was happy. "
+        .repeat(6);
+    let p = calibrate_and_round_trip(&out.0, &text, 200);
+    assert_eq!(p.kld_curve.len(), 14, "{:?}", p.kld_curve);
+    let file = GgufFile::open(&out.0).unwrap();
+    let model = Llama::load(&file).unwrap();
+    let tok = Tokenizer::from_gguf(&file).unwrap();
+    let mut ids = tok.encode(&text, true, false);
+    ids.truncate(200);
+    let again = ffnskip::measure::calibrate::kld_curve(&model, &ids, 2, &p).unwrap();
+    assert_eq!(again, p.kld_curve);
+    assert!(
+        p.kld_curve.iter().any(|k| k.kld_mean > 0.0),
+        "{:?}",
+        p.kld_curve
+    );
+    for budget in p.kld_curve.iter().map(|k| k.kld_mean) {
+        let o = SkipOptions {
+            max_kld: Some(budget),
+            ..SkipOptions::new(Policy::Adaptive)
+        };
+        let params = SkipParams::resolve(&o, 5, Some((&p, "test"))).unwrap();
+        let want = p
+            .kld_curve
+            .iter()
+            .filter(|k| k.kld_mean <= budget)
+            .max_by(|a, b| {
+                a.ratio
+                    .total_cmp(&b.ratio)
+                    .then(b.kld_mean.total_cmp(&a.kld_mean))
+            })
+            .unwrap();
+        assert!(want.kld_mean <= budget);
+        assert_eq!(params.ratio, want.ratio, "budget {budget}");
+        assert_eq!(
+            !params.ffn_estimate.is_empty(),
+            want.compensate,
+            "budget {budget}"
+        );
+        assert!(params.source.contains("--max-kld"), "{}", params.source);
+    }
+    let min = p
+        .kld_curve
+        .iter()
+        .map(|k| k.kld_mean)
+        .fold(f64::INFINITY, f64::min);
+    if min > 0.0 {
+        let o = SkipOptions {
+            max_kld: Some(min / 2.0),
+            ..SkipOptions::new(Policy::Adaptive)
+        };
+        let params = SkipParams::resolve(&o, 5, Some((&p, "test"))).unwrap();
+        assert_eq!(params.policy, Policy::None, "{}", params.source);
+    }
+    // Without a curve, or with another policy, it is a clear error.
+    let mut old = p.clone();
+    old.kld_curve.clear();
+    let o = SkipOptions {
+        max_kld: Some(0.05),
+        ..SkipOptions::new(Policy::Adaptive)
+    };
+    assert_eq!(
+        SkipParams::resolve(&o, 5, Some((&old, "old.json"))).unwrap_err(),
+        ParamsError::NeedsKldCurve
+    );
+    let o = SkipOptions {
+        max_kld: Some(0.05),
+        ..SkipOptions::new(Policy::Random)
+    };
+    let e = SkipParams::resolve(&o, 5, Some((&p, "p.json"))).unwrap_err();
+    assert!(ffnskip::skip_setup::flag_message(&e).starts_with("--max-kld picks adaptive's ratio"));
 }

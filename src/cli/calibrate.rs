@@ -105,8 +105,11 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     let source = format!("{text_name} (first {} tokens)", ids.len());
     let threads = a.model.threads();
     eprintln!(
-        "calibrating {} on {source} with {threads} threads…",
-        path.display()
+        "calibrating {} on {source} with {threads} threads, then the KL divergence curve \
+         (adaptive at {} ratios, with and without compensation, over the first {} tokens)…",
+        path.display(),
+        crate::measure::calibrate::KLD_RATIOS.len(),
+        crate::measure::calibrate::KLD_TOKENS.min(ids.len())
     );
     let t0 = std::time::Instant::now();
     let (profile, _) = calibrate(&model, &ids, threads, &source, a.full_every)?;
@@ -185,6 +188,22 @@ pub fn table(p: &crate::skip::Profile) -> String {
             g.simulated_ratio * 100.0,
             g.simulated_damage
         );
+    }
+    if !p.kld_curve.is_empty() {
+        let _ = writeln!(
+            s,
+            "KL divergence to the full model (adaptive, teacher-forced; --max-kld picks from it):"
+        );
+        for k in &p.kld_curve {
+            let _ = writeln!(
+                s,
+                "  target {:>3.0}%{}: realized {:.1}%, mean KLD {:.4} nats",
+                k.ratio * 100.0,
+                if k.compensate { " +mean" } else { "      " },
+                k.ffn_skip * 100.0,
+                k.kld_mean
+            );
+        }
     }
     s
 }

@@ -347,6 +347,11 @@ pub struct SkipArgs {
     /// profile from this version's `calibrate`).
     #[arg(long = "compensate")]
     pub compensate: bool,
+    /// Quality budget in nats: with `--skip adaptive`, skip as much as the profile's
+    /// calibrated KL divergence to the full model allows (overrides --skip-ratio and
+    /// --compensate).
+    #[arg(long = "max-kld")]
+    pub max_kld: Option<f64>,
     /// Calibration profile JSON from `ffnskip calibrate` (default: the one embedded in the
     /// model, if any).
     #[arg(long = "skip-profile")]
@@ -367,6 +372,7 @@ impl SkipArgs {
             full_every: self.full_every,
             seed: seed.unwrap_or(0),
             compensate: self.compensate,
+            max_kld: self.max_kld,
         }
     }
 

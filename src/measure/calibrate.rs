@@ -5,10 +5,19 @@
 
 use crate::model::Llama;
 use crate::session::{Session, SessionConfig};
-use crate::skip::{cosine, Controller, LayerStat, Profile, Schedule, Suggestion, PROFILE_VERSION};
+use crate::skip::{
+    cosine, Controller, KldPoint, LayerStat, Policy, Profile, Schedule, SkipController,
+    SkipOptions, SkipParams, Suggestion, PROFILE_VERSION,
+};
+
+use super::metrics;
 
 /// Target ratios the profile carries suggestions for (the 10/20/25/30/35%).
 pub const TARGET_RATIOS: [f64; 5] = [0.10, 0.20, 0.25, 0.30, 0.35];
+/// Target ratios of the KL divergence curve (`--max-kld`).
+pub const KLD_RATIOS: [f64; 7] = [0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35];
+/// Calibration tokens teacher-forced for each point of the KL divergence curve.
+pub const KLD_TOKENS: usize = 512;
 
 /// Records both cosines for every row of every forward call (full model).
 pub struct Recorder {
@@ -281,6 +290,7 @@ pub fn calibrate(
         cold_end: cold.1,
         full_every,
         suggestions,
+        kld_curve: Vec::new(),
         ffn_mean: {
             let n = (tokens.len() - 1) as f64;
             let d = rec.ffn_sum.len() / n_layer;
@@ -290,8 +300,78 @@ pub fn calibrate(
                 .collect()
         },
     };
+    let mut profile = profile;
+    profile.kld_curve = kld_curve(model, tokens, threads, &profile)?;
     profile.validate()?;
     Ok((profile, rec))
+}
+
+/// KL(full ‖ adaptive) over the first [`KLD_TOKENS`] calibration tokens, teacher-forced as
+/// `eval --task perplexity` does (first token as the prompt), at each of [`KLD_RATIOS`], with
+/// and without the mean-FFN compensation (when the profile has it).
+pub fn kld_curve(
+    model: &Llama,
+    tokens: &[u32],
+    threads: usize,
+    profile: &Profile,
+) -> anyhow::Result<Vec<KldPoint>> {
+    let t = &tokens[..tokens.len().min(KLD_TOKENS)];
+    if t.len() < 3 {
+        return Ok(Vec::new());
+    }
+    let n_layer = model.config.n_layer;
+    let teacher_forced = |params: SkipParams, f: &mut dyn FnMut(&[f32])| {
+        let config = SessionConfig {
+            exact_batches: true,
+            ..SessionConfig::new(t.len(), threads)
+        };
+        let c = SkipController::new(params, model.layer_bytes());
+        let mut s = Session::with_controller(model, config, c)?;
+        f(s.prefill(&t[..1])?);
+        let nv = model.config.n_vocab;
+        for chunk in t[1..t.len() - 1].chunks(128) {
+            for row in s.eval_all(chunk, false)?.chunks_exact(nv) {
+                f(row);
+            }
+        }
+        anyhow::Ok(s.controller.stats.ratio())
+    };
+    let mut reference = Vec::with_capacity(t.len());
+    teacher_forced(SkipParams::none(n_layer), &mut |row| {
+        reference.push(metrics::top_k(row, metrics::KLD_TOP_K))
+    })?;
+    let mut curve = Vec::new();
+    let comp: &[bool] = if profile.ffn_mean.is_empty() {
+        &[false]
+    } else {
+        &[false, true]
+    };
+    for &ratio in &KLD_RATIOS {
+        for &compensate in comp {
+            let opts = SkipOptions {
+                ratio: Some(ratio),
+                compensate,
+                ..SkipOptions::new(Policy::Adaptive)
+            };
+            let params = SkipParams::resolve(&opts, n_layer, Some((profile, "calibration")))
+                .map_err(|e| anyhow::anyhow!("KLD curve at ratio {ratio}: {e}"))?;
+            let (mut sum, mut n, mut i) = (0.0f64, 0usize, 0usize);
+            let ffn_skip = teacher_forced(params, &mut |row| {
+                if let Some((kl, _)) = reference.get(i).and_then(|p| metrics::kld_top_k(p, row)) {
+                    sum += kl;
+                    n += 1;
+                }
+                i += 1;
+            })?;
+            curve.push(KldPoint {
+                ratio,
+                compensate,
+                ffn_skip,
+                kld_mean: if n == 0 { 0.0 } else { sum / n as f64 },
+            });
+        }
+    }
+    Ok(curve)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ mod stats;
 
 pub use controller::{LayerBytes, SkipController};
 pub use params::{ParamsError, Policy, SkipOptions, SkipParams};
-pub use profile::{LayerStat, Profile, Suggestion, PROFILE_VERSION};
+pub use profile::{KldPoint, LayerStat, Profile, Suggestion, PROFILE_VERSION};
 pub use schedule::Schedule;
 pub use stats::{Decision, SkipStats, TokenDecisions};
 

@@ -66,6 +66,9 @@ pub struct SkipOptions {
     pub seed: u64,
     /// Add the layer's calibrated mean FFN output in place of a skipped FFN.
     pub compensate: bool,
+    /// Quality budget: with `adaptive`, the ratio (and compensation) come from the profile's
+    /// KLD curve — the largest calibrated ratio whose mean KLD stays within this many nats.
+    pub max_kld: Option<f64>,
 }
 
 impl SkipOptions {
@@ -84,6 +87,7 @@ impl SkipOptions {
             full_every: None,
             seed: 0,
             compensate: false,
+            max_kld: None,
         }
     }
 }
@@ -117,6 +121,11 @@ pub enum ParamsError {
     /// Compensation adds the profile's mean FFN outputs, which older profiles lack.
     #[error("compensation needs a calibration profile with ffn_mean")]
     NeedsFfnMean,
+    /// A quality budget needs the profile's KLD curve (and the adaptive policy it measures).
+    #[error("max_kld needs policy adaptive and a calibration profile with kld_curve")]
+    NeedsKldCurve,
+    #[error("max_kld {0} is not a number ≥ 0")]
+    MaxKldInvalid(f64),
 }
 
 /// Default target ratio when no ratio is given.
@@ -179,7 +188,57 @@ impl SkipParams {
         if opts.policy == Policy::None {
             return Ok(SkipParams::none(n_layer));
         }
-        let ratio = opts.ratio.unwrap_or(DEFAULT_RATIO);
+        // A quality budget picks the ratio and compensation from the profile's KLD curve.
+        let mut budget_note = None;
+        let mut compensate = opts.compensate;
+        let mut ratio = opts.ratio.unwrap_or(DEFAULT_RATIO);
+        if let Some(x) = opts.max_kld {
+            if !(x.is_finite() && x >= 0.0) {
+                return Err(ParamsError::MaxKldInvalid(x));
+            }
+            let curve = match profile {
+                Some((p, _)) if opts.policy == Policy::Adaptive && !p.kld_curve.is_empty() => {
+                    &p.kld_curve
+                }
+                _ => return Err(ParamsError::NeedsKldCurve),
+            };
+            // The largest ratio within budget; at equal ratio the lower KLD.
+            let best = curve
+                .iter()
+                .filter(|k| {
+                    k.kld_mean <= x
+                        && (!k.compensate || profile.is_some_and(|(p, _)| !p.ffn_mean.is_empty()))
+                })
+                .max_by(|a, b| {
+                    a.ratio
+                        .total_cmp(&b.ratio)
+                        .then(b.kld_mean.total_cmp(&a.kld_mean))
+                });
+            match best {
+                Some(k) => {
+                    ratio = k.ratio;
+                    compensate = k.compensate;
+                    budget_note = Some(format!(
+                        "; --max-kld {x}: ratio {} {}(calibrated KLD {:.4})",
+                        k.ratio,
+                        if k.compensate {
+                            "with compensation "
+                        } else {
+                            ""
+                        },
+                        k.kld_mean
+                    ));
+                }
+                None => {
+                    return Ok(SkipParams {
+                        source: format!(
+                            "--max-kld {x}: no calibrated ratio stays within it, nothing is skipped"
+                        ),
+                        ..SkipParams::none(n_layer)
+                    });
+                }
+            }
+        }
         if !(ratio.is_finite() && (0.0..=1.0).contains(&ratio)) {
             return Err(ParamsError::RatioOutOfRange(ratio));
         }
@@ -221,7 +280,7 @@ impl SkipParams {
         let mut schedule = Schedule::for_ratio(ratio, n_layer, warmup, full_every);
         let mut threshold = DEFAULT_THRESHOLD;
         let mut removed = Vec::new();
-        let source;
+        let mut source;
         match (opts.policy, profile) {
             (Policy::Adaptive, Some((p, from))) => match p.nearest(ratio) {
                 Some(s) if s.ratio > 0.0 => {
@@ -268,7 +327,10 @@ impl SkipParams {
         if let Some(t) = opts.threshold {
             threshold = t;
         }
-        let ffn_estimate = match (opts.compensate, profile) {
+        if let Some(n) = budget_note {
+            source.push_str(&n);
+        }
+        let ffn_estimate = match (compensate, profile) {
             (false, _) => Vec::new(),
             (true, Some((p, _))) if !p.ffn_mean.is_empty() => p.ffn_mean.clone(),
             (true, _) => return Err(ParamsError::NeedsFfnMean),

@@ -57,6 +57,22 @@ pub struct Profile {
     /// added in place of a skipped FFN (`+mean` policies). Empty in profiles written before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ffn_mean: Vec<Vec<f32>>,
+    /// KL divergence to the full model against target ratio, measured on the calibration text
+    /// (`--max-kld` picks from it). Empty in profiles written before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kld_curve: Vec<KldPoint>,
+}
+
+/// One point of [`Profile::kld_curve`]: `adaptive` at a target ratio, with or without the
+/// mean-FFN compensation, teacher-forced over the calibration tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KldPoint {
+    pub ratio: f64,
+    pub compensate: bool,
+    /// Realized share of FFN blocks skipped.
+    pub ffn_skip: f64,
+    /// Mean KL(full ‖ policy) per token, nats.
+    pub kld_mean: f64,
 }
 
 impl Profile {
@@ -93,6 +109,18 @@ impl Profile {
             self.cold_start,
             self.cold_end
         );
+        for k in &self.kld_curve {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&k.ratio)
+                    && (0.0..=1.0).contains(&k.ffn_skip)
+                    && k.kld_mean.is_finite()
+                    && k.kld_mean >= 0.0,
+                "kld_curve point at ratio {} has ffn_skip {} and kld_mean {}",
+                k.ratio,
+                k.ffn_skip,
+                k.kld_mean
+            );
+        }
         for s in &self.suggestions {
             anyhow::ensure!(
                 (0.0..=1.0).contains(&s.ratio) && s.k >= 0.0 && s.k <= n as f64,

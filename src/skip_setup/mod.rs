@@ -101,6 +101,12 @@ pub fn flag_message(e: &ParamsError) -> String {
             p.name()
         ),
         ParamsError::ProfileLayers { .. } => e.to_string(),
+        ParamsError::NeedsKldCurve => "--max-kld picks adaptive's ratio from the KL divergence \
+             curve of a calibration profile: use --skip adaptive with a profile from this \
+             version's `ffnskip calibrate -m MODEL` (--skip-profile PROFILE.json, or embedded \
+             with --embed)"
+            .into(),
+        ParamsError::MaxKldInvalid(x) => format!("--max-kld {x}: expected a number of nats ≥ 0"),
         ParamsError::NeedsFfnMean => "--skip …+mean adds the calibrated mean FFN output of each \
              skipped layer, which this profile lacks: rerun `ffnskip calibrate -m MODEL` and pass \
              --skip-profile PROFILE.json (or embed it with --embed)"

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::gguf::{GgufFile, GgufWriter, Value, ValueType};
-use crate::skip::{LayerStat, Profile, Suggestion};
+use crate::skip::{KldPoint, LayerStat, Profile, Suggestion};
 
 /// `LayerStat` fields in key order: `ffnskip.profile.{ffn_cos,layer_cos}.{field}`.
 const STAT_FIELDS: [&str; 5] = ["mean", "p10", "p50", "p90", "frac_ge_095"];
@@ -85,6 +85,19 @@ pub fn to_gguf(p: &Profile, w: &mut GgufWriter) {
         "ffnskip.suggest.threshold",
         f32_array(s.iter().map(|s| s.threshold)),
     );
+    if !p.kld_curve.is_empty() {
+        let k = &p.kld_curve;
+        w.set("ffnskip.kld.ratio", f64_array(k.iter().map(|k| k.ratio)));
+        w.set(
+            "ffnskip.kld.compensate",
+            f64_array(k.iter().map(|k| f64::from(u8::from(k.compensate)))),
+        );
+        w.set(
+            "ffnskip.kld.ffn_skip",
+            f64_array(k.iter().map(|k| k.ffn_skip)),
+        );
+        w.set("ffnskip.kld.mean", f64_array(k.iter().map(|k| k.kld_mean)));
+    }
     if !p.ffn_mean.is_empty() {
         // [n_layer][n_embd], layer after layer.
         w.set(
@@ -177,6 +190,31 @@ pub fn from_gguf(f: &GgufFile) -> anyhow::Result<Option<Profile>> {
                 simulated_damage: damage[i],
             })
             .collect(),
+        kld_curve: match f.get("ffnskip.kld.ratio") {
+            None => Vec::new(),
+            Some(_) => {
+                let ratio = f64s("ffnskip.kld.ratio")?;
+                let (comp, skip, mean) = (
+                    f64s("ffnskip.kld.compensate")?,
+                    f64s("ffnskip.kld.ffn_skip")?,
+                    f64s("ffnskip.kld.mean")?,
+                );
+                anyhow::ensure!(
+                    [comp.len(), skip.len(), mean.len()]
+                        .iter()
+                        .all(|&l| l == ratio.len()),
+                    "{path}: the ffnskip.kld.* arrays differ in length"
+                );
+                (0..ratio.len())
+                    .map(|i| KldPoint {
+                        ratio: ratio[i],
+                        compensate: comp[i] != 0.0,
+                        ffn_skip: skip[i],
+                        kld_mean: mean[i],
+                    })
+                    .collect()
+            }
+        },
         ffn_mean: match f.opt_f32_array("ffnskip.profile.ffn_mean")? {
             None => Vec::new(),
             Some(v) => {
@@ -242,6 +280,20 @@ mod tests {
                 simulated_ratio: 0.2499,
                 simulated_damage: 0.01,
             }],
+            kld_curve: vec![
+                KldPoint {
+                    ratio: 0.1,
+                    compensate: false,
+                    ffn_skip: 0.0999,
+                    kld_mean: 0.25,
+                },
+                KldPoint {
+                    ratio: 0.1,
+                    compensate: true,
+                    ffn_skip: 0.1,
+                    kld_mean: 0.125,
+                },
+            ],
             // The compensation estimates travel with it.
             ffn_mean: (0..4)
                 .map(|l| vec![l as f32, -0.5, 1.0 / (l + 3) as f32])
