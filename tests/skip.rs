@@ -530,13 +530,11 @@ fn calibration_on_the_default_model_matches_the_numpy_reference() {
     assert_eq!((p.cold_start, p.cold_end), (1, 1));
 }
 
-#[test]
-fn calibration_runs_on_stories260k() {
-    let Some(shared) = shared("calibration_runs_on_stories260k") else {
-        return;
-    };
-    let dir = shared.join("models/tinyllamas");
-    let out = TempFile(temp_path("skip", "stories260K.gguf"));
+/// stories260K converted to a GGUF named `name` (removed on drop) and a calibration text for
+/// it; `None` (the test passes as skipped) without `../shared`.
+fn stories260k(test: &str, name: &str) -> Option<(TempFile, String)> {
+    let dir = shared(test)?.join("models/tinyllamas");
+    let out = TempFile(temp_path("skip", name));
     convert_llama2c(
         &dir.join("stories260K.bin"),
         &dir.join("tok512.bin"),
@@ -546,6 +544,15 @@ fn calibration_runs_on_stories260k() {
     let text = "Once upon a time, there was a little girl named Lily. She loved to play outside. \
                 One day, she saw a big dog in the park and she was happy. "
         .repeat(6);
+    Some((out, text))
+}
+
+#[test]
+fn calibration_runs_on_stories260k() {
+    let Some((out, text)) = stories260k("calibration_runs_on_stories260k", "stories260K.gguf")
+    else {
+        return;
+    };
     let p = calibrate_and_round_trip(&out.0, &text, 200);
     assert_eq!(p.n_layer, 5);
     assert!(p.cold_start + p.cold_end <= 5);
@@ -600,20 +607,9 @@ fn compensation_needs_a_profile_with_ffn_mean_and_an_ffn_policy() {
 /// picks the largest calibrated ratio whose KLD stays within it.
 #[test]
 fn max_kld_picks_the_largest_calibrated_ratio_within_budget() {
-    let Some(shared) = shared("max_kld_on_stories260k") else {
+    let Some((out, text)) = stories260k("max_kld_on_stories260k", "stories260K-kld.gguf") else {
         return;
     };
-    let dir = shared.join("models/tinyllamas");
-    let out = TempFile(temp_path("skip", "stories260K-kld.gguf"));
-    convert_llama2c(
-        &dir.join("stories260K.bin"),
-        &dir.join("tok512.bin"),
-        &out.0,
-    )
-    .unwrap();
-    let text = "Once upon a time, there was a little girl named Lily. She loved to play outside. \
-                One day, she saw a big dog in the park and she was happy. "
-        .repeat(6);
     let p = calibrate_and_round_trip(&out.0, &text, 200);
     assert_eq!(p.kld_curve.len(), 14, "{:?}", p.kld_curve);
     let file = GgufFile::open(&out.0).unwrap();

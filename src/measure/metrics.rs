@@ -180,15 +180,7 @@ pub fn log_softmax_at(logits: &[f32], id: u32) -> f64 {
         "token id {id} out of range for {} logits",
         logits.len()
     );
-    let m = logits
-        .iter()
-        .map(|&x| x as f64)
-        .fold(f64::NEG_INFINITY, f64::max);
-    if !m.is_finite() {
-        return f64::NAN;
-    }
-    let sum: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
-    logits[id] as f64 - (m + sum.ln())
+    logits[id] as f64 - log_sum_exp(logits)
 }
 
 /// Tokens of the reference distribution kept per position for [`kld_top_k`].
