@@ -282,6 +282,17 @@ pub fn quantize_rows(k: &Kernels, x: &[f32], n: usize, out: &mut [u8]) {
 /// products land `[batch, rows]` in a scratch buffer and are then copied into place, row
 /// pieces at a time (for one token they land in place).
 pub fn matmul_group(mats: &[(&Matrix, Acts)], batch: usize, out: &mut [f32]) {
+    matmul_group_in(mats, batch, &mut Vec::new(), out)
+}
+
+/// [`matmul_group`] with its scratch buffer `pieces` kept by the caller (grown to
+/// `Σ n_out × batch` floats for batches of more than one row, never shrunk).
+pub fn matmul_group_in(
+    mats: &[(&Matrix, Acts)],
+    batch: usize,
+    pieces: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let total_rows: usize = mats.iter().map(|(m, _)| m.n_out).sum();
     assert_eq!(out.len(), total_rows * batch);
     let total_bytes: usize = mats.iter().map(|(m, _)| m.n_bytes()).sum();
@@ -340,27 +351,19 @@ pub fn matmul_group(mats: &[(&Matrix, Acts)], batch: usize, out: &mut [f32]) {
         par_split(out, &mut units[..threads], bounds, batch, &run);
         return;
     }
-    PIECES.with(|pieces| {
-        let mut pieces = pieces.borrow_mut();
-        if pieces.len() < total_rows * batch {
-            pieces.resize(total_rows * batch, 0.0);
-        }
-        let pieces = &mut pieces[..total_rows * batch];
-        par_split(pieces, &mut units[..threads], bounds, batch, &run);
-        let mut base = 0;
-        let mut rest = out;
-        for (m, _) in mats {
-            let (block, r) = std::mem::take(&mut rest).split_at_mut(m.n_out * batch);
-            rest = r;
-            gather(pieces, bounds, base..base + m.n_out, batch, block);
-            base += m.n_out;
-        }
-    });
-}
-
-thread_local! {
-    /// [`matmul_group`]'s products before they are copied into place, kept per thread.
-    static PIECES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    if pieces.len() < total_rows * batch {
+        pieces.resize(total_rows * batch, 0.0);
+    }
+    let pieces = &mut pieces[..total_rows * batch];
+    par_split(pieces, &mut units[..threads], bounds, batch, &run);
+    let mut base = 0;
+    let mut rest = out;
+    for (m, _) in mats {
+        let (block, r) = std::mem::take(&mut rest).split_at_mut(m.n_out * batch);
+        rest = r;
+        gather(pieces, bounds, base..base + m.n_out, batch, block);
+        base += m.n_out;
+    }
 }
 
 /// Copies one matrix's output (`rows` of the concatenated row space) from the chunks of

@@ -23,7 +23,7 @@ use crate::ggml;
 use crate::ggml::order::rms_norm;
 use crate::gguf::GgmlType;
 use crate::skip::Controller;
-use crate::tensor::{self, matmul_group, Acts, Matrix, MAX_SPLITS};
+use crate::tensor::{self, matmul_group_in, Acts, Matrix, MAX_SPLITS};
 
 /// Which logits a forward call produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +86,10 @@ pub struct Scratch {
     /// Matmul outputs, one `[B, n_out]` block per matrix of a group; Σ n_out ≤
     /// max(n_embd + 2·kv_dim, 2·n_ff).
     mm: Vec<f32>,
+    /// Products as each thread's chunk of weight rows writes them, before they are copied
+    /// into `mm` (`tensor::matmul_group_in`; grown on first use, the head's `Logits::All`
+    /// included).
+    pieces: Vec<f32>,
     /// Qcur `[B, n_embd]`; RoPE'd in place and the active rows packed to the front.
     q: Vec<f32>,
     /// Kcur `[B, kv_dim]`, RoPE'd in place before it is stored.
@@ -133,6 +137,7 @@ impl Scratch {
             xn: vec![0.0; b * wide],
             acts: [act.clone(), act.clone(), act],
             mm: vec![0.0; b * mm_rows],
+            pieces: Vec::new(),
             q: vec![0.0; b * c.n_embd],
             k: vec![0.0; b * c.kv_dim()],
             v: vec![0.0; b * c.kv_dim()],
@@ -374,7 +379,7 @@ impl Llama<'_> {
             *g = (m, acts_in(&s.acts, slot, s.batch_exact));
         }
         let mm = &mut s.mm[..(q_rows + 2 * kv) * b];
-        matmul_group(&group[..mats.len()], b, mm);
+        matmul_group_in(&group[..mats.len()], b, &mut s.pieces, mm);
         let (q, kv_mm) = mm.split_at(q_rows * b);
         let (k, v) = kv_mm.split_at(kv * b);
         s.k[..b * kv].copy_from_slice(k);
@@ -452,9 +457,10 @@ impl Llama<'_> {
             &mut s.acts,
         );
         let attn_out = &mut s.mm[..d * na];
-        matmul_group(
+        matmul_group_in(
             &[(&lw.attn_output, acts_in(&s.acts, slots[0], s.batch_exact))],
             na,
+            &mut s.pieces,
             attn_out,
         );
         tensor::add_rows(attn_out, d, &s.active, &mut s.x);
@@ -486,12 +492,13 @@ impl Llama<'_> {
         let gate_up = [&lw.ffn_gate, &lw.ffn_up];
         let slots = quantize_for(&gate_up, &s.xn[..r * d], r, s.batch_exact, &mut s.acts);
         let mm = &mut s.mm[..2 * ff * r];
-        matmul_group(
+        matmul_group_in(
             &[
                 (gate_up[0], acts_in(&s.acts, slots[0], s.batch_exact)),
                 (gate_up[1], acts_in(&s.acts, slots[1], s.batch_exact)),
             ],
             r,
+            &mut s.pieces,
             mm,
         );
 
@@ -511,7 +518,7 @@ impl Llama<'_> {
         );
         let ffn_out = &mut s.mm[..d * r];
         let acts = acts_in(&s.acts, slots[0], s.batch_exact);
-        matmul_group(&[(&lw.ffn_down, acts)], r, ffn_out);
+        matmul_group_in(&[(&lw.ffn_down, acts)], r, &mut s.pieces, ffn_out);
         tensor::add_rows(ffn_out, d, &s.ffn_rows, &mut s.x);
 
         if observe {
@@ -551,11 +558,11 @@ impl Llama<'_> {
         let slots = quantize_for(&[out], &s.xn[..n * d], n, s.batch_exact, &mut s.acts);
         let group = [(out, acts_in(&s.acts, slots[0], s.batch_exact))];
         let result: &[f32] = if n == 1 {
-            matmul_group(&group, 1, &mut s.logits);
+            matmul_group_in(&group, 1, &mut s.pieces, &mut s.logits);
             &s.logits
         } else {
             let all = grown(&mut s.logits_all, nv * n);
-            matmul_group(&group, n, all);
+            matmul_group_in(&group, n, &mut s.pieces, all);
             all
         };
         s.times.head += t0.elapsed();
