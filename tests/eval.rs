@@ -44,19 +44,26 @@ fn metric(r: &TaskReport, policy: &str, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{policy} has no {key}: {:?}", p.metrics))
 }
 
-#[test]
-fn every_task_runs_on_stories260k_and_resumes() {
-    let Some(shared) = shared("eval_on_stories260k") else {
-        return;
-    };
+/// `../shared` and stories260K converted to a GGUF (removed on drop) under a `tag` temp name;
+/// `None` (the test passes as skipped) without `../shared`.
+fn stories260k(test: &str, tag: &str) -> Option<(std::path::PathBuf, TempFile)> {
+    let shared = shared(test)?;
     let dir = shared.join("models/tinyllamas");
-    let gguf = TempFile(temp_path("eval", "stories260K.gguf"));
+    let gguf = TempFile(temp_path(tag, "stories260K.gguf"));
     convert_llama2c(
         &dir.join("stories260K.bin"),
         &dir.join("tok512.bin"),
         &gguf.0,
     )
     .unwrap();
+    Some((shared, gguf))
+}
+
+#[test]
+fn every_task_runs_on_stories260k_and_resumes() {
+    let Some((shared, gguf)) = stories260k("eval_on_stories260k", "eval") else {
+        return;
+    };
     let out = temp_path("eval", "results");
     let file = GgufFile::open(&gguf.0).unwrap();
     let model = Llama::load(&file).unwrap();
@@ -151,17 +158,9 @@ fn every_task_runs_on_stories260k_and_resumes() {
 /// the FFN blocks is measurably away from the full model.
 #[test]
 fn kl_divergence_to_the_full_model_on_stories260k() {
-    let Some(shared) = shared("kld_on_stories260k") else {
+    let Some((shared, gguf)) = stories260k("kld_on_stories260k", "kld") else {
         return;
     };
-    let dir = shared.join("models/tinyllamas");
-    let gguf = TempFile(temp_path("kld", "stories260K.gguf"));
-    convert_llama2c(
-        &dir.join("stories260K.bin"),
-        &dir.join("tok512.bin"),
-        &gguf.0,
-    )
-    .unwrap();
     let out = temp_path("kld", "results");
     let file = GgufFile::open(&gguf.0).unwrap();
     let model = Llama::load(&file).unwrap();
