@@ -7,6 +7,7 @@ use std::path::Path;
 
 use common::{shared, temp_path, TempFile};
 use ffnskip::convert::convert_llama2c;
+use ffnskip::convert::quantize::{quantize_file, Target};
 use ffnskip::gguf::GgufFile;
 use ffnskip::measure::bench::PolicySpec;
 use ffnskip::measure::eval::{summary_markdown, EvalConfig, Evaluator, Task, TaskReport};
@@ -34,6 +35,7 @@ fn config(shared: &Path, out: &Path, limit: usize) -> EvalConfig {
         out_dir: out.to_path_buf(),
         gen_tokens: 12,
         code_format: Default::default(),
+        kld_reference: None,
     }
 }
 
@@ -195,5 +197,38 @@ fn kl_divergence_to_the_full_model_on_stories260k() {
         table.contains("| KLD mean (nats) | top-1 same |"),
         "{table}"
     );
+    // `--kld-reference`: a Q8_0 requantization scored against the F32 file's distributions;
+    // its own `none` now has a KLD, small and above 0, and skipping adds to it.
+    let q8 = TempFile(temp_path("kld", "stories260K-q8_0.gguf"));
+    quantize_file(&gguf.0, &q8.0, Target::parse("q8_0").unwrap()).unwrap();
+    let qfile = GgufFile::open(&q8.0).unwrap();
+    let qmodel = Llama::load(&qfile).unwrap();
+    let qout = temp_path("kld", "results-q8_0");
+    let mut cfg = config(&shared, &qout, 1);
+    cfg.specs = ["none", "adaptive:0.4"]
+        .iter()
+        .map(|s| PolicySpec::parse(s).unwrap())
+        .collect();
+    cfg.kld_reference = Some(out.join("perplexity/none.jsonl"));
+    let ev = Evaluator::new(&q8.0, &qfile, &qmodel, cfg).unwrap();
+    let q = ev.run(Task::Perplexity, &mut |_| {}).unwrap();
+    let (qn, qa) = (
+        metric(&q, "none", "kld_mean"),
+        metric(&q, "adaptive:0.4", "kld_mean"),
+    );
+    assert!(0.0 < qn && qn < 0.05 && qn < qa, "{qn} {qa}");
+    // A reference without distributions for these windows is a clear error.
+    let mut cfg = config(&shared, &qout, 1);
+    cfg.kld_reference = Some(out.join("perplexity/adaptive-0.4.jsonl"));
+    let e = Evaluator::new(&q8.0, &qfile, &qmodel, cfg)
+        .unwrap()
+        .run(Task::Perplexity, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("adaptive-0.4.jsonl: no full-model distributions for these perplexity windows"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&qout);
 }

@@ -10,6 +10,7 @@ use ffnskip::measure::calibrate::calibrate;
 use ffnskip::model::Llama;
 use ffnskip::peer::argmax;
 use ffnskip::session::{Session, SessionConfig};
+use ffnskip::skip::compensation::{Compensation, FfnMap};
 use ffnskip::skip::{
     Controller, Decision, LayerStat, ParamsError, Policy, Profile, SkipController, SkipOptions,
     SkipParams, Suggestion, PROFILE_VERSION,
@@ -105,6 +106,24 @@ fn test_profile(n: usize) -> Profile {
                     .map(|i| ((i * 7 + l) % 13) as f32 * 0.02 - 0.12)
                     .collect()
             })
+            .collect(),
+        // Rank-2 maps for `+lowrank`, and a damage per layer for `placed` (least at 10..14).
+        ffn_lowrank: (0..n)
+            .map(|l| {
+                let v = |k: usize| -> Vec<f32> {
+                    (0..2 * 576)
+                        .map(|i| ((i * k + l) % 11) as f32 * 0.01 - 0.05)
+                        .collect()
+                };
+                FfnMap {
+                    offset: (0..576).map(|i| ((i + l) % 5) as f32 * 0.01).collect(),
+                    down: v(3),
+                    up: v(5),
+                }
+            })
+            .collect(),
+        ffn_damage: (0..n)
+            .map(|l| (l as f32 - 12.0).abs() * 0.01 + 0.02)
             .collect(),
     }
 }
@@ -337,10 +356,14 @@ fn batched_equals_sequential_under_every_policy() {
     let (cont, _) = greedy(&mut Session::new(&model, config()).unwrap(), &ids, 40);
     let profile = test_profile(30);
     let mut plain_logits: Option<Vec<f32>> = None;
-    let cases = Policy::ALL.iter().map(|&p| (p, false)).chain([
-        (Policy::Adaptive, true),
-        (Policy::Random, true),
-        (Policy::Static, true),
+    let cases = Policy::ALL.iter().map(|&p| (p, Compensation::None)).chain([
+        (Policy::Adaptive, Compensation::Mean),
+        (Policy::Random, Compensation::Mean),
+        (Policy::Static, Compensation::Mean),
+        (Policy::Adaptive, Compensation::Lowrank),
+        (Policy::Random, Compensation::Lowrank),
+        (Policy::Placed, Compensation::Lowrank),
+        (Policy::AdaptiveLayer, Compensation::Lowrank),
     ]);
     for (policy, compensate) in cases {
         let o = SkipOptions {
@@ -349,7 +372,7 @@ fn batched_equals_sequential_under_every_policy() {
             compensate,
             ..opts(policy, 0.3)
         };
-        let policy = format!("{policy:?}{}", if compensate { "+mean" } else { "" });
+        let policy = format!("{policy:?}{}", compensate.suffix());
         // Exact batches, as `eval` runs them: teacher forcing must score what decoding does.
         let exact = SessionConfig {
             exact_batches: true,
@@ -390,9 +413,9 @@ fn batched_equals_sequential_under_every_policy() {
         // The estimate is added: the same skips give other logits than without it.
         match policy.as_str() {
             "Random" => plain_logits = Some(bat_logits.clone()),
-            "Random+mean" => assert!(
+            "Random+mean" | "Random+lowrank" => assert!(
                 plain_logits.as_deref() != Some(&bat_logits[..]),
-                "+mean changed nothing"
+                "{policy} changed nothing"
             ),
             _ => {}
         }
@@ -484,6 +507,19 @@ fn calibrate_and_round_trip(path: &std::path::Path, text: &str, tokens: usize) -
     assert_eq!(rec.tokens(), ids.len());
     assert_eq!(p.n_layer, model.config.n_layer);
     assert_eq!(p.suggestions.len(), 5);
+    // Compensations and damage per layer: the low-rank map within 2% of the FFN's bytes.
+    assert_eq!(p.ffn_lowrank.len(), p.n_layer);
+    let bytes = model.layer_bytes();
+    for (l, m) in p.ffn_lowrank.iter().enumerate() {
+        assert!(m.rank() >= 1, "layer {l}: rank 0");
+        assert!(
+            m.bytes() as f64 <= 0.02 * bytes.ffn[l] as f64,
+            "layer {l}: {} bytes",
+            m.bytes()
+        );
+    }
+    assert_eq!(p.ffn_damage.len(), p.n_layer);
+    assert!(p.ffn_damage.iter().all(|d| d.is_finite() && *d >= 0.0));
     // Mean FFN output per layer (compensation), finite and not all zero.
     assert_eq!(p.ffn_mean.len(), p.n_layer);
     assert!(p.ffn_mean.iter().all(|v| v.len() == model.config.n_embd));
@@ -579,27 +615,109 @@ fn calibration_runs_on_stories260k() {
 }
 
 #[test]
-fn compensation_needs_a_profile_with_ffn_mean_and_an_ffn_policy() {
+fn compensation_needs_a_profile_with_its_fit_and_an_ffn_policy() {
     let mut p = test_profile(30);
     p.ffn_mean.clear();
     let o = SkipOptions {
-        compensate: true,
+        compensate: Compensation::Mean,
         ..opts(Policy::Adaptive, 0.25)
     };
     let e = SkipParams::resolve(&o, 30, Some((&p, "old.json"))).unwrap_err();
-    assert_eq!(e, ParamsError::NeedsFfnMean);
+    assert_eq!(e, ParamsError::NeedsCompensation(Compensation::Mean));
     let msg = ffnskip::skip_setup::flag_message(&e);
     assert!(
-        msg.starts_with("--skip …+mean adds the calibrated mean FFN output"),
+        msg.starts_with(
+            "--compensate mean (or --skip …+mean) adds what calibration fitted (ffn_mean)"
+        ),
         "{msg}"
     );
     assert!(msg.contains("rerun `ffnskip calibrate -m MODEL`"), "{msg}");
+    p.ffn_lowrank.clear();
+    for policy in [Policy::Adaptive, Policy::Auto] {
+        let o = SkipOptions {
+            compensate: Compensation::Lowrank,
+            ..opts(policy, 0.25)
+        };
+        let e = SkipParams::resolve(&o, 30, Some((&p, "old.json"))).unwrap_err();
+        let want = match policy {
+            Policy::Auto => ParamsError::NeedsProfile(Policy::Auto),
+            _ => ParamsError::NeedsCompensation(Compensation::Lowrank),
+        };
+        assert_eq!(e, want);
+    }
+    let o = SkipOptions {
+        compensate: Compensation::Mean,
+        ..opts(Policy::Shortgpt, 0.25)
+    };
+    assert_eq!(
+        SkipParams::resolve(&o, 30, Some((&test_profile(30), "p.json"))).unwrap_err(),
+        ParamsError::CompensationPolicy(Policy::Shortgpt)
+    );
     let e = ffnskip::measure::bench::PolicySpec::parse("shortgpt+mean:0.2")
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("--skip shortgpt+mean:0.2: +mean"), "{e}");
+    let e = ffnskip::measure::bench::PolicySpec::parse("adaptive+median:0.2")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "--skip adaptive+median:0.2: unknown compensation '+median' (expected +mean or +lowrank)"
+    );
     let s = ffnskip::measure::bench::PolicySpec::parse("random+mean:0.2").unwrap();
-    assert!(s.compensate && s.label() == "random+mean:0.2");
+    assert!(s.compensate == Compensation::Mean && s.label() == "random+mean:0.2");
+    let s = ffnskip::measure::bench::PolicySpec::parse("best:0.1").unwrap();
+    assert!(s.policy == Policy::Auto && s.label() == "auto:0.1");
+    // `auto` is adaptive with the low-rank compensation.
+    let params = SkipParams::resolve(
+        &opts(Policy::Auto, 0.2),
+        30,
+        Some((&test_profile(30), "p.json")),
+    )
+    .unwrap();
+    assert_eq!(
+        (params.policy, params.compensation),
+        (Policy::Adaptive, Compensation::Lowrank)
+    );
+    assert_eq!(params.ffn_estimate.len(), 30);
+}
+
+/// `placed` skips, for every token, the contiguous run of k non-cold layers with the least
+/// summed calibrated damage.
+#[test]
+fn placed_skips_the_least_damage_run() {
+    let file = GgufFile::open(default_model()).unwrap();
+    let model = Llama::load(&file).unwrap();
+    let p = test_profile(30);
+    let o = SkipOptions {
+        warmup: Some(0),
+        ..opts(Policy::Placed, 0.1)
+    };
+    let mut s =
+        Session::with_controller(&model, config(), controller(&model, &o, Some(&p))).unwrap();
+    s.controller.record_decisions(true);
+    greedy(&mut s, &prompt(&file), 6);
+    // k = 3 of 30; damage |l − 12| · 0.01 + 0.02 is least for the run 11, 12, 13.
+    let want: Vec<Decision> = (0..30)
+        .map(|l| {
+            if (11..14).contains(&l) {
+                Decision::Skipped
+            } else {
+                Decision::Ran
+            }
+        })
+        .collect();
+    let st = &s.controller.stats;
+    assert!(!st.decisions.is_empty());
+    for d in &st.decisions {
+        assert_eq!(d.0, want);
+    }
+    let mut none = test_profile(30);
+    none.ffn_damage.clear();
+    assert_eq!(
+        SkipParams::resolve(&o, 30, Some((&none, "old.json"))).unwrap_err(),
+        ParamsError::NeedsProfile(Policy::Placed)
+    );
 }
 
 /// `--max-kld X`: calibration records adaptive's KL divergence to the full model at each
@@ -617,7 +735,10 @@ fn max_kld_picks_the_largest_calibrated_ratio_within_budget() {
     let tok = Tokenizer::from_gguf(&file).unwrap();
     let mut ids = tok.encode(&text, true, false);
     ids.truncate(200);
-    let again = ffnskip::measure::calibrate::kld_curve(&model, &ids, 2, &p).unwrap();
+    let again = ffnskip::measure::calibrate::Reference::new(&model, &ids, 2)
+        .unwrap()
+        .curve(&model, 2, &p)
+        .unwrap();
     assert_eq!(again, p.kld_curve);
     assert!(
         p.kld_curve.iter().any(|k| k.kld_mean > 0.0),
@@ -642,12 +763,33 @@ fn max_kld_picks_the_largest_calibrated_ratio_within_budget() {
             .unwrap();
         assert!(want.kld_mean <= budget);
         assert_eq!(params.ratio, want.ratio, "budget {budget}");
-        assert_eq!(
-            !params.ffn_estimate.is_empty(),
-            want.compensate,
-            "budget {budget}"
-        );
+        assert_eq!(params.compensation, want.compensation, "budget {budget}");
         assert!(params.source.contains("--max-kld"), "{}", params.source);
+        // `--skip auto --max-kld`: the same, over the recommended rule's own series.
+        let o = SkipOptions {
+            max_kld: Some(budget),
+            ..SkipOptions::new(Policy::Auto)
+        };
+        let params = SkipParams::resolve(&o, 5, Some((&p, "test"))).unwrap();
+        let want = p
+            .kld_curve
+            .iter()
+            .filter(|k| k.compensation == Compensation::Lowrank && k.kld_mean <= budget)
+            .max_by(|a, b| {
+                a.ratio
+                    .total_cmp(&b.ratio)
+                    .then(b.kld_mean.total_cmp(&a.kld_mean))
+            });
+        match want {
+            Some(w) => {
+                assert_eq!(
+                    (params.ratio, params.compensation),
+                    (w.ratio, Compensation::Lowrank)
+                );
+                assert!(w.kld_mean <= budget, "{w:?}");
+            }
+            None => assert_eq!(params.policy, Policy::None, "{}", params.source),
+        }
     }
     let min = p
         .kld_curve
@@ -671,12 +813,15 @@ fn max_kld_picks_the_largest_calibrated_ratio_within_budget() {
     };
     assert_eq!(
         SkipParams::resolve(&o, 5, Some((&old, "old.json"))).unwrap_err(),
-        ParamsError::NeedsKldCurve
+        ParamsError::NeedsKldCurve(Policy::Adaptive)
     );
     let o = SkipOptions {
         max_kld: Some(0.05),
         ..SkipOptions::new(Policy::Random)
     };
     let e = SkipParams::resolve(&o, 5, Some((&p, "p.json"))).unwrap_err();
-    assert!(ffnskip::skip_setup::flag_message(&e).starts_with("--max-kld picks adaptive's ratio"));
+    assert_eq!(e, ParamsError::NeedsKldCurve(Policy::Random));
+    assert!(ffnskip::skip_setup::flag_message(&e).starts_with(
+        "--max-kld picks the ratio from the KL divergence curve of a calibration profile, which has none for --skip random"
+    ));
 }

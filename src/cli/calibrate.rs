@@ -105,9 +105,11 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     let source = format!("{text_name} (first {} tokens)", ids.len());
     let threads = a.model.threads();
     eprintln!(
-        "calibrating {} on {source} with {threads} threads, then the KL divergence curve \
-         (adaptive at {} ratios, with and without compensation, over the first {} tokens)…",
+        "calibrating {} on {source} with {threads} threads: similarities, compensation fits, \
+         each layer's damage (over {} tokens), then the KL divergence curve (adaptive and \
+         auto at {} ratios, over the first {} tokens)…",
         path.display(),
+        crate::measure::calibrate::DAMAGE_TOKENS.min(ids.len()),
         crate::measure::calibrate::KLD_RATIOS.len(),
         crate::measure::calibrate::KLD_TOKENS.min(ids.len())
     );
@@ -152,7 +154,7 @@ pub fn table(p: &crate::skip::Profile) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "layer  cos(h,h+ffn) mean   p10    p50    p90  ≥0.95   block influence"
+        "layer  cos(h,h+ffn) mean   p10    p50    p90  ≥0.95   block influence   damage (nats)  rank"
     );
     for l in 0..p.n_layer {
         let f = &p.ffn_cos[l];
@@ -163,13 +165,19 @@ pub fn table(p: &crate::skip::Profile) -> String {
         };
         let _ = writeln!(
             s,
-            "{l:>5}  {:>17.4} {:>6.3} {:>6.3} {:>6.3} {:>5.0}%   {:>8.4}{cold}",
+            "{l:>5}  {:>17.4} {:>6.3} {:>6.3} {:>6.3} {:>5.0}%   {:>8.4}        {:>10}  {:>4}{cold}",
             f.mean,
             f.p10,
             f.p50,
             f.p90,
             f.frac_ge_095 * 100.0,
-            p.block_influence[l]
+            p.block_influence[l],
+            p.ffn_damage
+                .get(l)
+                .map_or("-".to_string(), |d| format!("{d:.4}")),
+            p.ffn_lowrank
+                .get(l)
+                .map_or("-".to_string(), |m| m.rank().to_string()),
         );
     }
     let _ = writeln!(
@@ -192,14 +200,15 @@ pub fn table(p: &crate::skip::Profile) -> String {
     if !p.kld_curve.is_empty() {
         let _ = writeln!(
             s,
-            "KL divergence to the full model (adaptive, teacher-forced; --max-kld picks from it):"
+            "KL divergence to the full model (teacher-forced, warm-up 0; --max-kld picks from it;\n\
+             adaptive+lowrank is what --skip auto runs):"
         );
         for k in &p.kld_curve {
             let _ = writeln!(
                 s,
-                "  target {:>3.0}%{}: realized {:.1}%, mean KLD {:.4} nats",
+                "  {:<18} target {:>3.0}%: realized {:.1}%, mean KLD {:.4} nats",
+                format!("{}{}", k.policy.name(), k.compensation.suffix()),
                 k.ratio * 100.0,
-                if k.compensate { " +mean" } else { "      " },
                 k.ffn_skip * 100.0,
                 k.kld_mean
             );

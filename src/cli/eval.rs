@@ -2,7 +2,7 @@
 //! wikitext-2 perplexity and KL divergence to the full model, MT-Bench agreement and CNN/DM summaries.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 
@@ -67,6 +67,11 @@ pub struct EvalArgs {
     /// the data directory) or HumanEval's JSONL (pass the file with --data).
     #[arg(long = "code-format", value_enum, default_value = "mbpp")]
     pub code_format: CodeFormat,
+    /// Perplexity: score KL divergence against another model's full distributions, stored in
+    /// its eval's `perplexity/none.jsonl` (e.g. the distributed file, when this is a
+    /// requantization of it), instead of this model's own.
+    #[arg(long = "kld-reference", value_name = "NONE.JSONL")]
+    pub kld_reference: Option<PathBuf>,
 }
 
 fn parse_task(s: &str) -> anyhow::Result<Task> {
@@ -134,7 +139,16 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let stem = path
         .file_stem()
         .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-    let warmup_tag = a.warmup.map_or(String::new(), |w| format!("-w{w}"));
+    let mut warmup_tag = a.warmup.map_or(String::new(), |w| format!("-w{w}"));
+    if let Some(r) = &a.kld_reference {
+        // Scored against another file's distributions: kept apart from self-scored results.
+        let of = r
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .map_or_else(|| "other".into(), |s| s.to_string_lossy().into_owned());
+        warmup_tag.push_str(&format!("-kld-vs-{of}"));
+    }
     let cfg = EvalConfig {
         specs,
         data: a.data.clone(),
@@ -152,6 +166,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         out_dir: a.out.join(format!("{stem}-g{}{warmup_tag}", a.gen_tokens)),
         gen_tokens: a.gen_tokens,
         code_format: a.code_format,
+        kld_reference: a.kld_reference.clone(),
     };
     let ev = Evaluator::new(&path, &file, &model, cfg)?;
     let mut reports = Vec::new();

@@ -5,6 +5,7 @@ mod calibrate;
 mod chat;
 mod convert;
 mod eval;
+mod frontier;
 mod generate;
 mod inspect;
 mod models;
@@ -21,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::gguf::GgufFile;
 use crate::model::Llama;
 use crate::sampling::SamplerConfig;
+use crate::skip::compensation::Compensation;
 use crate::skip::{Policy, SkipController, SkipOptions};
 
 #[derive(Parser)]
@@ -49,6 +51,9 @@ enum Command {
     /// Quality of skip policies vs the full model (FreebaseQA, perplexity and KL divergence,
     /// agreement, summaries); resumable.
     Eval(eval::EvalArgs),
+    /// Join `bench --json` and `eval --json` outputs into the speed × quality frontier
+    /// (table and tok/s-versus-KLD chart).
+    Frontier(frontier::FrontierArgs),
     /// Measure the per-layer FFN similarity profile on calibration text (JSON, SVG, PNG) and
     /// suggest skip settings; optionally embed it in a copy of the model.
     Calibrate(calibrate::CalibrateArgs),
@@ -343,19 +348,26 @@ pub struct SkipArgs {
     /// Every N-th token after warm-up runs in full (0 = never; the authors' code uses 6).
     #[arg(long = "full-every")]
     pub full_every: Option<usize>,
-    /// Add each skipped layer's calibrated mean FFN output instead of nothing (needs a
-    /// profile from this version's `calibrate`).
-    #[arg(long = "compensate")]
-    pub compensate: bool,
-    /// Quality budget in nats: with `--skip adaptive`, skip as much as the profile's
-    /// calibrated KL divergence to the full model allows (overrides --skip-ratio and
-    /// --compensate).
+    /// Add an estimate of each skipped FFN's output instead of nothing: `mean` (the layer's
+    /// calibrated mean output; the value when the flag is bare) or `lowrank` (a least-squares
+    /// map of the FFN's input, ≤ 2% of its bytes). Needs a profile from this version's
+    /// `calibrate`; `--skip auto` uses lowrank by itself.
+    #[arg(long = "compensate", num_args = 0..=1, default_missing_value = "mean",
+          value_parser = parse_compensation)]
+    pub compensate: Option<Compensation>,
+    /// Quality budget in nats: skip as much as the profile's calibrated KL divergence to the
+    /// full model allows for the policy (`auto`, `adaptive`, `placed`; overrides
+    /// --skip-ratio and --compensate).
     #[arg(long = "max-kld")]
     pub max_kld: Option<f64>,
     /// Calibration profile JSON from `ffnskip calibrate` (default: the one embedded in the
     /// model, if any).
     #[arg(long = "skip-profile")]
     pub profile: Option<PathBuf>,
+}
+
+fn parse_compensation(s: &str) -> Result<Compensation, String> {
+    Compensation::parse(s).ok_or_else(|| format!("'{s}' is not one of none, mean, lowrank"))
 }
 
 impl SkipArgs {
@@ -371,7 +383,7 @@ impl SkipArgs {
             cold_end: self.cold_end,
             full_every: self.full_every,
             seed: seed.unwrap_or(0),
-            compensate: self.compensate,
+            compensate: self.compensate.unwrap_or_default(),
             max_kld: self.max_kld,
         }
     }
@@ -487,6 +499,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Frontier(a) => frontier::run(a),
         Command::Models(a) => models::run_models(a),
         Command::Pull(a) => models::run_pull(a),
     };

@@ -11,16 +11,18 @@ use crate::gguf::{GgmlType, GgufFile};
 use crate::model::Llama;
 use crate::peer::{argmax, LlamaCpp, PeerMode};
 use crate::session::{Session, SessionConfig};
+use crate::skip::compensation::Compensation;
 use crate::skip::{Policy, SkipOptions};
 use crate::skip_setup;
 
-/// One policy to measure: `name[+mean][:ratio]` on the command line (`+mean`: each skipped
-/// FFN's calibrated mean output is added instead of nothing).
+/// One policy to measure: `name[+mean|+lowrank][:ratio]` on the command line (`+mean`: each
+/// skipped FFN's calibrated mean output is added instead of nothing; `+lowrank`: a calibrated
+/// low-rank map of its input).
 #[derive(Clone, Debug)]
 pub struct PolicySpec {
     pub policy: Policy,
     pub ratio: f64,
-    pub compensate: bool,
+    pub compensate: Compensation,
 }
 
 impl PolicySpec {
@@ -38,19 +40,29 @@ impl PolicySpec {
             ),
             None => (s, crate::skip::params::DEFAULT_RATIO),
         };
-        let (name, compensate) = match name.strip_suffix("+mean") {
-            Some(n) => (n, true),
-            None => (name, false),
+        let (name, compensate) = match name.split_once('+') {
+            Some((n, c)) => (
+                n,
+                Compensation::parse(c)
+                    .filter(|&c| c != Compensation::None)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--skip {s}: unknown compensation '+{c}' (expected +mean or +lowrank)"
+                        )
+                    })?,
+            ),
+            None => (name, Compensation::None),
         };
         let policy = Policy::parse(name).ok_or_else(|| {
             anyhow::anyhow!(
-                "--skip {s}: unknown policy '{name}' (expected none, adaptive, random, static, shortgpt or early-exit, optionally with +mean and :RATIO)"
+                "--skip {s}: unknown policy '{name}' (expected none, adaptive, adaptive-layer, placed, auto, random, static, shortgpt or early-exit, optionally with +mean or +lowrank and :RATIO)"
             )
         })?;
         anyhow::ensure!(
-            !compensate || matches!(policy, Policy::Adaptive | Policy::Random | Policy::Static),
-            "--skip {s}: +mean (the calibrated FFN output in place of a skipped FFN) applies to \
-             adaptive, random and static, which skip FFN blocks only"
+            compensate == Compensation::None || policy.skips_ffn_only(),
+            "--skip {s}: {} (an estimate in place of a skipped FFN) applies to adaptive, \
+             adaptive-layer, placed, auto, random and static, which skip FFN blocks only",
+            compensate.suffix()
         );
         let ratio = if policy == Policy::None { 0.0 } else { ratio };
         Ok(PolicySpec {
@@ -61,7 +73,7 @@ impl PolicySpec {
     }
 
     pub fn label(&self) -> String {
-        let plus = if self.compensate { "+mean" } else { "" };
+        let plus = self.compensate.suffix();
         match self.policy {
             Policy::None => "none".into(),
             p => format!("{}{plus}:{}", p.name(), self.ratio),

@@ -5,19 +5,30 @@
 
 use crate::model::Llama;
 use crate::session::{Session, SessionConfig};
+use crate::skip::compensation::{Compensation, FfnMap};
 use crate::skip::{
     cosine, Controller, KldPoint, LayerStat, Policy, Profile, Schedule, SkipController,
     SkipOptions, SkipParams, Suggestion, PROFILE_VERSION,
 };
 
-use super::metrics;
+use super::{lowrank, metrics};
 
 /// Target ratios the profile carries suggestions for (the 10/20/25/30/35%).
 pub const TARGET_RATIOS: [f64; 5] = [0.10, 0.20, 0.25, 0.30, 0.35];
 /// Target ratios of the KL divergence curve (`--max-kld`).
 pub const KLD_RATIOS: [f64; 7] = [0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35];
-/// Calibration tokens teacher-forced for each point of the KL divergence curve.
+/// Calibration tokens teacher-forced for each point of the KL divergence curve. When the
+/// text has at least twice as many, the compensations are fitted on the tokens after them,
+/// so the curve measures them out of sample.
 pub const KLD_TOKENS: usize = 512;
+/// Calibration tokens teacher-forced per layer to measure its damage (`Profile::ffn_damage`).
+pub const DAMAGE_TOKENS: usize = 256;
+/// The (policy, compensation) series of the KL divergence curve: the paper's rule and the
+/// recommended one (`auto`).
+pub const KLD_SERIES: [(Policy, Compensation); 2] = [
+    (Policy::Adaptive, Compensation::None),
+    (Policy::Adaptive, Compensation::Lowrank),
+];
 
 /// Records both cosines for every row of every forward call (full model).
 pub struct Recorder {
@@ -30,9 +41,12 @@ pub struct Recorder {
     pub layer: Vec<f32>,
     /// Layer inputs of the current call's rows, `[rows, n_embd]`.
     inputs: Vec<f32>,
-    /// Σ FFN output (l_out − ffn_inp) per layer over the tokens after the first,
-    /// `[n_layer, n_embd]` (sized on first use).
-    pub ffn_sum: Vec<f64>,
+    /// First token whose FFN input and output are kept for the compensation fits.
+    pub fit_from: usize,
+    /// Per layer `[fit tokens, n_embd]`: scale-free FFN inputs `h / rms(h)`.
+    pub fit_x: Vec<Vec<f32>>,
+    /// Per layer `[fit tokens, n_embd]`: FFN outputs (l_out − ffn_inp).
+    pub fit_y: Vec<Vec<f32>>,
 }
 
 impl Recorder {
@@ -43,7 +57,9 @@ impl Recorder {
             ffn: Vec::new(),
             layer: Vec::new(),
             inputs: Vec::new(),
-            ffn_sum: Vec::new(),
+            fit_from: 1,
+            fit_x: vec![Vec::new(); n_layer],
+            fit_y: vec![Vec::new(); n_layer],
         }
     }
 
@@ -81,14 +97,12 @@ impl Controller for Recorder {
         let i = (self.base + row) * self.n_layer + layer;
         self.ffn[i] = cosine(before, after);
         self.layer[i] = cosine(&self.inputs[row * d..(row + 1) * d], after);
-        if self.base + row > 0 {
-            if self.ffn_sum.is_empty() {
-                self.ffn_sum = vec![0.0; self.n_layer * d];
-            }
-            let sum = &mut self.ffn_sum[layer * d..(layer + 1) * d];
-            for ((s, &a), &b) in sum.iter_mut().zip(after).zip(before) {
-                *s += f64::from(a - b);
-            }
+        if self.base + row >= self.fit_from {
+            let x = &mut self.fit_x[layer];
+            let at = x.len();
+            x.resize(at + d, 0.0);
+            lowrank::scale_free(before, &mut x[at..]);
+            self.fit_y[layer].extend(after.iter().zip(before).map(|(a, b)| a - b));
         }
     }
 }
@@ -264,9 +278,13 @@ pub fn calibrate(
         exact_batches: true,
         ..SessionConfig::new(tokens.len(), threads)
     };
-    let mut session = Session::with_controller(model, config, Recorder::new(n_layer))?;
+    let mut rec = Recorder::new(n_layer);
+    if tokens.len() >= 2 * KLD_TOKENS {
+        rec.fit_from = KLD_TOKENS;
+    }
+    let mut session = Session::with_controller(model, config, rec)?;
     session.prefill(tokens)?;
-    let rec = session.controller;
+    let mut rec = session.controller;
     let ffn = &rec.ffn[n_layer..];
     let layer = &rec.layer[n_layer..];
     let ffn_cos = layer_stats(ffn, n_layer);
@@ -278,6 +296,21 @@ pub fn calibrate(
         .iter()
         .map(|&r| suggest(ffn, n_layer, cold, r, full_every))
         .collect();
+    // Compensations: the mean and the rank-r least-squares map per layer (rank from the
+    // layer's FFN bytes), fitted on the tokens from `fit_from`.
+    let d = model.config.n_embd;
+    let bytes = model.layer_bytes();
+    let mut ffn_mean = Vec::with_capacity(n_layer);
+    let mut ffn_lowrank = Vec::with_capacity(n_layer);
+    for l in 0..n_layer {
+        let (x, y) = (
+            std::mem::take(&mut rec.fit_x[l]),
+            std::mem::take(&mut rec.fit_y[l]),
+        );
+        let m = lowrank::fit(&x, &y, d, lowrank::rank_for(bytes.ffn[l], d));
+        ffn_mean.push(lowrank::fit(&[], &y, d, 0).offset);
+        ffn_lowrank.push(m);
+    }
     let profile = Profile {
         version: PROFILE_VERSION,
         n_layer,
@@ -291,87 +324,163 @@ pub fn calibrate(
         full_every,
         suggestions,
         kld_curve: Vec::new(),
-        ffn_mean: {
-            let n = (tokens.len() - 1) as f64;
-            let d = rec.ffn_sum.len() / n_layer;
-            rec.ffn_sum
-                .chunks_exact(d.max(1))
-                .map(|l| l.iter().map(|&s| (s / n) as f32).collect())
-                .collect()
-        },
+        ffn_mean,
+        ffn_lowrank,
+        ffn_damage: Vec::new(),
     };
     let mut profile = profile;
-    profile.kld_curve = kld_curve(model, tokens, threads, &profile)?;
+    let t = &tokens[..tokens.len().min(KLD_TOKENS)];
+    let reference = Reference::new(model, t, threads)?;
+    profile.ffn_damage = reference.damage(model, threads, &profile)?;
+    profile.kld_curve = reference.curve(model, threads, &profile)?;
     profile.validate()?;
     Ok((profile, rec))
 }
 
-/// KL(full ‖ adaptive) over the first [`KLD_TOKENS`] calibration tokens, teacher-forced as
-/// `eval --task perplexity` does (first token as the prompt), at each of [`KLD_RATIOS`], with
-/// and without the mean-FFN compensation (when the profile has it).
-pub fn kld_curve(
+/// The full model's distributions over calibration tokens, teacher-forced (first token as
+/// the prompt), against which policies are scored.
+pub struct Reference<'t> {
+    tokens: &'t [u32],
+    top: Vec<metrics::TopK>,
+}
+
+impl<'t> Reference<'t> {
+    pub fn new(model: &Llama, tokens: &'t [u32], threads: usize) -> anyhow::Result<Self> {
+        let mut top = Vec::with_capacity(tokens.len());
+        if tokens.len() >= 3 {
+            teacher_forced(
+                model,
+                tokens,
+                threads,
+                SkipParams::none(model.config.n_layer),
+                &mut |row| top.push(metrics::top_k(row, metrics::KLD_TOP_K)),
+            )?;
+        }
+        Ok(Reference { tokens, top })
+    }
+
+    /// (mean KL(full ‖ params) per token in nats, realized FFN skip ratio) over the first
+    /// `n` tokens.
+    pub fn kld(
+        &self,
+        model: &Llama,
+        threads: usize,
+        params: SkipParams,
+        n: usize,
+    ) -> anyhow::Result<(f64, f64)> {
+        let t = &self.tokens[..self.tokens.len().min(n)];
+        if t.len() < 3 {
+            return Ok((0.0, 0.0));
+        }
+        let (mut sum, mut count, mut i) = (0.0f64, 0usize, 0usize);
+        let ratio = teacher_forced(model, t, threads, params, &mut |row| {
+            if let Some((kl, _)) = self.top.get(i).and_then(|p| metrics::kld_top_k(p, row)) {
+                sum += kl;
+                count += 1;
+            }
+            i += 1;
+        })?;
+        Ok((if count == 0 { 0.0 } else { sum / count as f64 }, ratio))
+    }
+
+    /// Per layer: KL divergence when only that layer's FFN is skipped, for every token after
+    /// the first, with the profile's low-rank compensation (else the mean, else none), over
+    /// [`DAMAGE_TOKENS`].
+    pub fn damage(&self, model: &Llama, threads: usize, p: &Profile) -> anyhow::Result<Vec<f32>> {
+        let n_layer = model.config.n_layer;
+        let compensation = [Compensation::Lowrank, Compensation::Mean]
+            .into_iter()
+            .find(|&c| p.has(c))
+            .unwrap_or(Compensation::None);
+        let estimate: Vec<FfnMap> = match compensation {
+            Compensation::Lowrank => p.ffn_lowrank.clone(),
+            Compensation::Mean => p.ffn_mean.iter().cloned().map(FfnMap::mean).collect(),
+            Compensation::None => Vec::new(),
+        };
+        (0..n_layer)
+            .map(|l| {
+                let params = SkipParams {
+                    policy: Policy::Placed,
+                    ratio: 1.0 / n_layer as f64,
+                    schedule: Schedule {
+                        warmup: 0,
+                        k: 1.0,
+                        full_every: 0,
+                    },
+                    ranked: vec![l],
+                    ffn_estimate: estimate.clone(),
+                    compensation,
+                    source: format!("calibration: layer {l} alone"),
+                    ..SkipParams::none(n_layer)
+                };
+                Ok(self.kld(model, threads, params, DAMAGE_TOKENS)?.0 as f32)
+            })
+            .collect()
+    }
+
+    /// [`KLD_SERIES`] at each of [`KLD_RATIOS`] over [`KLD_TOKENS`].
+    pub fn curve(
+        &self,
+        model: &Llama,
+        threads: usize,
+        p: &Profile,
+    ) -> anyhow::Result<Vec<KldPoint>> {
+        let mut curve = Vec::new();
+        if self.top.is_empty() {
+            return Ok(curve);
+        }
+        for (policy, compensation) in KLD_SERIES {
+            if !p.has(compensation) || (policy == Policy::Placed && p.ffn_damage.is_empty()) {
+                continue;
+            }
+            for &ratio in &KLD_RATIOS {
+                let opts = SkipOptions {
+                    ratio: Some(ratio),
+                    compensate: compensation,
+                    warmup: Some(0),
+                    ..SkipOptions::new(policy)
+                };
+                let params =
+                    SkipParams::resolve(&opts, model.config.n_layer, Some((p, "calibration")))
+                        .map_err(|e| anyhow::anyhow!("KLD curve at ratio {ratio}: {e}"))?;
+                let (kld_mean, ffn_skip) = self.kld(model, threads, params, KLD_TOKENS)?;
+                curve.push(KldPoint {
+                    policy,
+                    ratio,
+                    compensation,
+                    compensate: false,
+                    ffn_skip,
+                    kld_mean,
+                });
+            }
+        }
+        Ok(curve)
+    }
+}
+
+/// Runs `tokens` teacher-forced under `params` (exact batches, the first token as the
+/// prompt) and hands `f` each predicting row's logits; returns the realized FFN skip ratio.
+fn teacher_forced(
     model: &Llama,
     tokens: &[u32],
     threads: usize,
-    profile: &Profile,
-) -> anyhow::Result<Vec<KldPoint>> {
-    let t = &tokens[..tokens.len().min(KLD_TOKENS)];
-    if t.len() < 3 {
-        return Ok(Vec::new());
-    }
-    let n_layer = model.config.n_layer;
-    let teacher_forced = |params: SkipParams, f: &mut dyn FnMut(&[f32])| {
-        let config = SessionConfig {
-            exact_batches: true,
-            ..SessionConfig::new(t.len(), threads)
-        };
-        let c = SkipController::new(params, model.layer_bytes());
-        let mut s = Session::with_controller(model, config, c)?;
-        f(s.prefill(&t[..1])?);
-        let nv = model.config.n_vocab;
-        for chunk in t[1..t.len() - 1].chunks(128) {
-            for row in s.eval_all(chunk, false)?.chunks_exact(nv) {
-                f(row);
-            }
-        }
-        anyhow::Ok(s.controller.stats.ratio())
+    params: SkipParams,
+    f: &mut dyn FnMut(&[f32]),
+) -> anyhow::Result<f64> {
+    let config = SessionConfig {
+        exact_batches: true,
+        ..SessionConfig::new(tokens.len(), threads)
     };
-    let mut reference = Vec::with_capacity(t.len());
-    teacher_forced(SkipParams::none(n_layer), &mut |row| {
-        reference.push(metrics::top_k(row, metrics::KLD_TOP_K))
-    })?;
-    let mut curve = Vec::new();
-    let comp: &[bool] = if profile.ffn_mean.is_empty() {
-        &[false]
-    } else {
-        &[false, true]
-    };
-    for &ratio in &KLD_RATIOS {
-        for &compensate in comp {
-            let opts = SkipOptions {
-                ratio: Some(ratio),
-                compensate,
-                ..SkipOptions::new(Policy::Adaptive)
-            };
-            let params = SkipParams::resolve(&opts, n_layer, Some((profile, "calibration")))
-                .map_err(|e| anyhow::anyhow!("KLD curve at ratio {ratio}: {e}"))?;
-            let (mut sum, mut n, mut i) = (0.0f64, 0usize, 0usize);
-            let ffn_skip = teacher_forced(params, &mut |row| {
-                if let Some((kl, _)) = reference.get(i).and_then(|p| metrics::kld_top_k(p, row)) {
-                    sum += kl;
-                    n += 1;
-                }
-                i += 1;
-            })?;
-            curve.push(KldPoint {
-                ratio,
-                compensate,
-                ffn_skip,
-                kld_mean: if n == 0 { 0.0 } else { sum / n as f64 },
-            });
+    let c = SkipController::new(params, model.layer_bytes());
+    let mut s = Session::with_controller(model, config, c)?;
+    f(s.prefill(&tokens[..1])?);
+    let nv = model.config.n_vocab;
+    for chunk in tokens[1..tokens.len() - 1].chunks(128) {
+        for row in s.eval_all(chunk, false)?.chunks_exact(nv) {
+            f(row);
         }
     }
-    Ok(curve)
+    Ok(s.controller.stats.ratio())
 }
 
 #[cfg(test)]

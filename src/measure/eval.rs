@@ -18,6 +18,7 @@ use crate::gguf::GgufFile;
 use crate::model::Llama;
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::session::{generate, GenerateOptions, Session, SessionConfig};
+use crate::skip::compensation::Compensation;
 use crate::skip::{Policy, SkipController, SkipOptions};
 use crate::skip_setup::{self, SourcedProfile};
 use crate::tokenizer::Tokenizer;
@@ -95,6 +96,10 @@ pub struct EvalConfig {
     pub gen_tokens: usize,
     /// Layout of the code task's problem file.
     pub code_format: CodeFormat,
+    /// Perplexity: another model's `perplexity/none.jsonl` whose full-model distributions
+    /// every policy here (`none` too) is scored against, so requantized files and skipping
+    /// share one KL divergence scale.
+    pub kld_reference: Option<PathBuf>,
 }
 
 /// One item's outcome under one policy, as stored in the JSONL files.
@@ -212,7 +217,7 @@ impl<'m> Evaluator<'m> {
         let mut specs = vec![PolicySpec {
             policy: Policy::None,
             ratio: 0.0,
-            compensate: false,
+            compensate: Compensation::None,
         }];
         specs.extend(
             self.cfg
@@ -333,6 +338,20 @@ impl<'m> Evaluator<'m> {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let mut reference: BTreeMap<String, ItemRecord> = BTreeMap::new();
+        let external = match (&self.cfg.kld_reference, task) {
+            (Some(p), Task::Perplexity) => {
+                reference = load_records(p)?;
+                reference.retain(|_, r| !r.reference.is_empty());
+                anyhow::ensure!(
+                    items.iter().any(|i| reference.contains_key(&i.id())),
+                    "--kld-reference {}: no full-model distributions for these perplexity windows \
+                     (expected the perplexity/none.jsonl of an eval of the same tokenizer and data)",
+                    p.display()
+                );
+                true
+            }
+            _ => false,
+        };
         let mut results = Vec::new();
         for spec in self.specs() {
             let path = dir.join(format!("{}.jsonl", spec.label().replace(':', "-")));
@@ -343,11 +362,14 @@ impl<'m> Evaluator<'m> {
             if let Some(p) = &self.cfg.profile {
                 inputs.push(("--skip-profile", p));
             }
+            if let Some(p) = &self.cfg.kld_reference {
+                inputs.push(("--kld-reference", p));
+            }
             crate::outfile::ensure_not_input("result file", &path, &inputs)?;
             let mut done = load_records(&path)?;
             if task == Task::Perplexity {
                 // Windows stored before KL divergence was measured run again.
-                let full = spec.policy == Policy::None;
+                let full = spec.policy == Policy::None && !external;
                 done.retain(|_, r| {
                     !(if full {
                         r.reference.is_empty()
@@ -409,7 +431,7 @@ impl<'m> Evaluator<'m> {
                 &reference,
                 self.model.bytes_per_token() as f64,
             ));
-            if spec.policy == Policy::None {
+            if spec.policy == Policy::None && !external {
                 reference = done;
             }
         }
@@ -706,10 +728,7 @@ fn aggregate(
             }
             // KL(full ‖ policy) over every scored position; the full model against itself is 0.
             let mut kld: Vec<f32> = recs.iter().flat_map(|r| r.kld.iter().copied()).collect();
-            if spec.policy == Policy::None {
-                m.insert("kld_mean".into(), 0.0);
-                m.insert("top1_agreement".into(), 1.0);
-            } else if !kld.is_empty() {
+            if !kld.is_empty() {
                 kld.sort_by(f32::total_cmp);
                 let q = |f: f64| kld[((kld.len() - 1) as f64 * f).round() as usize] as f64;
                 m.insert("kld_mean".into(), mean(kld.iter().map(|&x| x as f64)));
@@ -717,6 +736,10 @@ fn aggregate(
                 m.insert("kld_p99".into(), q(0.99));
                 let same: f64 = recs.iter().filter_map(|r| r.metrics.get("top1_same")).sum();
                 m.insert("top1_agreement".into(), same / kld.len() as f64);
+            } else if spec.policy == Policy::None {
+                // The full model against itself (`--kld-reference` scores it like the rest).
+                m.insert("kld_mean".into(), 0.0);
+                m.insert("top1_agreement".into(), 1.0);
             }
         }
         _ => {

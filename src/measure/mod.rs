@@ -5,6 +5,8 @@ pub mod calibrate;
 pub mod code;
 pub mod data;
 pub mod eval;
+pub mod frontier;
+pub mod lowrank;
 pub mod metrics;
 pub mod plot;
 

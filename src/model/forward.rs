@@ -332,11 +332,9 @@ impl Llama<'_> {
         for &i in &s.active {
             if controller.run_ffn(l, i, &s.x[i * d..(i + 1) * d]) {
                 s.ffn_rows.push(i);
-            } else if let Some(e) = controller.skipped_ffn_estimate(l) {
-                // l_out = ffn_inp + the estimate of the skipped FFN's output.
-                for (x, &v) in s.x[i * d..(i + 1) * d].iter_mut().zip(e) {
-                    *x += v;
-                }
+            } else {
+                // l_out = ffn_inp + the controller's estimate of the skipped FFN's output.
+                controller.compensate(l, &mut s.x[i * d..(i + 1) * d]);
             }
         }
         if s.ffn_rows.is_empty() {

@@ -46,6 +46,8 @@ pub struct SkipController {
     trace: Vec<Decision>,
     removed: Vec<bool>,
     scratch: Vec<usize>,
+    /// `[rank]` scratch of the low-rank compensation.
+    z: Vec<f32>,
     record: bool,
     pub stats: SkipStats,
 }
@@ -69,6 +71,7 @@ impl SkipController {
             trace: Vec::new(),
             removed,
             scratch: (0..n).collect(),
+            z: Vec::new(),
             record: false,
             stats: SkipStats::new(n),
         }
@@ -125,6 +128,12 @@ impl SkipController {
                 if k > 0 {
                     let start = lo + rng.below(hi - lo - k + 1);
                     trace[start..start + k].fill(Decision::Skipped);
+                }
+            }
+            Policy::Placed => {
+                let hi = n - self.params.cold_end;
+                if let Some(&start) = self.params.ranked.get(k) {
+                    trace[start..(start + k).min(hi)].fill(Decision::Skipped);
                 }
             }
             Policy::EarlyExit => {
@@ -194,18 +203,31 @@ impl Controller for SkipController {
             && self.trace[row * self.params.n_layer + layer] == Decision::Exited
     }
 
-    fn skipped_ffn_estimate(&self, layer: usize) -> Option<&[f32]> {
-        self.params.ffn_estimate.get(layer).map(Vec::as_slice)
+    fn compensate(&mut self, layer: usize, h: &mut [f32]) {
+        if let Some(m) = self.params.ffn_estimate.get(layer) {
+            m.add_to(h, &mut self.z);
+        }
     }
 
     fn run_ffn(&mut self, layer: usize, row: usize, _ffn_inp: &[f32]) -> bool {
         let n = self.params.n_layer;
         match self.params.policy {
-            Policy::None | Policy::Shortgpt | Policy::EarlyExit => true,
-            Policy::Random | Policy::Static => self.trace[row * n + layer] != Decision::Skipped,
-            Policy::Adaptive => {
+            Policy::None | Policy::Shortgpt | Policy::EarlyExit | Policy::Auto => true,
+            Policy::Random | Policy::Static | Policy::Placed => {
+                self.trace[row * n + layer] != Decision::Skipped
+            }
+            Policy::Adaptive | Policy::AdaptiveLayer => {
                 let (lo, hi) = self.warm_region();
-                let threshold = self.params.threshold;
+                // The previous layer's cosine against its own threshold (adaptive-layer) or
+                // the global one.
+                let threshold = match layer.checked_sub(1) {
+                    Some(p) => *self
+                        .params
+                        .layer_threshold
+                        .get(p)
+                        .unwrap_or(&self.params.threshold),
+                    None => self.params.threshold,
+                };
                 let r = &mut self.rows[row];
                 if r.budget == 0 || layer < lo || layer >= hi {
                     return true;
@@ -228,7 +250,7 @@ impl Controller for SkipController {
 
     #[inline]
     fn observes_ffn(&self) -> bool {
-        self.params.policy == Policy::Adaptive && !self.prompt
+        self.params.policy.is_adaptive() && !self.prompt
     }
 
     fn after_ffn(&mut self, _layer: usize, row: usize, before: &[f32], after: &[f32]) {
@@ -298,6 +320,9 @@ mod tests {
             seed: 7,
             source: "test".into(),
             ffn_estimate: Vec::new(),
+            compensation: crate::skip::compensation::Compensation::None,
+            ranked: Vec::new(),
+            layer_threshold: Vec::new(),
         }
     }
 
@@ -706,8 +731,13 @@ mod tests {
             p.schedule.warmup = 2;
             p.schedule.k = 2.5;
             p.schedule.full_every = 3;
-            if policy == Policy::Shortgpt {
-                p.removed = vec![4, 8];
+            match policy {
+                Policy::Shortgpt => p.removed = vec![4, 8],
+                // Runs of k layers start at 3 (k ≤ 3), else at 2.
+                Policy::Placed => p.ranked = vec![2, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2],
+                // `auto` resolves to adaptive before it reaches a controller.
+                Policy::Auto => continue,
+                _ => {}
             }
             // Which layers reach the threshold differs per position.
             let cos = |pos: usize, l: usize| {

@@ -7,6 +7,7 @@
 //! authors' code (`Ajay1994/layer-skip`, `llama/model_ffn_cosine.py`, `llama/utils.py`,
 //! `llama/model_ffn_baseline.py`). DESIGN §2 summarises both.
 
+pub mod compensation;
 mod controller;
 pub mod params;
 mod profile;
@@ -54,12 +55,10 @@ pub trait Controller: Send {
         true
     }
 
-    /// What the forward pass adds to a row in place of layer `layer`'s FFN output when
-    /// [`Controller::run_ffn`] said no (`[n_embd]`); `None` adds nothing (the paper).
+    /// When [`Controller::run_ffn`] said no: adds an estimate of layer `layer`'s FFN output to
+    /// the row's `h` (`[n_embd]`, `ffn_inp` → `l_out`). The default adds nothing (the paper).
     #[inline]
-    fn skipped_ffn_estimate(&self, _layer: usize) -> Option<&[f32]> {
-        None
-    }
+    fn compensate(&mut self, _layer: usize, _h: &mut [f32]) {}
 
     /// Whether [`Controller::after_ffn`] is wanted in this call (the forward pass keeps a copy
     /// of `ffn_inp` only then).

@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Profile, Schedule};
+use super::compensation::{Compensation, FfnMap};
+use super::{KldPoint, Profile, Schedule};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -23,17 +24,31 @@ pub enum Policy {
     /// SkipDecode/CALM-style early exit after layer n_layer − k, later layers' K/V from the
     /// exited state.
     EarlyExit,
+    /// Damage-aware placement: each skipping token skips the FFN of the contiguous run of k
+    /// non-cold layers whose summed calibrated single-layer KL divergence
+    /// (`Profile::ffn_damage`) is lowest.
+    Placed,
+    /// FFN-SkipLLM's greedy run with a per-layer threshold: a layer's calibrated median
+    /// cos(h, h+ffn) instead of one global threshold.
+    AdaptiveLayer,
+    /// The recommended rule (`best` is the same): FFN-SkipLLM's adaptive rule with the
+    /// low-rank compensation, its ratio from `--max-kld` when given (docs/RESULTS.md).
+    #[value(alias = "best")]
+    Auto,
 }
 
 impl Policy {
     /// Every policy, the reference (`none`) first.
-    pub const ALL: [Policy; 6] = [
+    pub const ALL: [Policy; 9] = [
         Policy::None,
         Policy::Adaptive,
         Policy::Random,
         Policy::Static,
         Policy::Shortgpt,
         Policy::EarlyExit,
+        Policy::Placed,
+        Policy::AdaptiveLayer,
+        Policy::Auto,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,11 +59,35 @@ impl Policy {
             Policy::Static => "static",
             Policy::Shortgpt => "shortgpt",
             Policy::EarlyExit => "early-exit",
+            Policy::Placed => "placed",
+            Policy::AdaptiveLayer => "adaptive-layer",
+            Policy::Auto => "auto",
         }
     }
 
     pub fn parse(s: &str) -> Option<Policy> {
+        if s == "best" {
+            return Some(Policy::Auto);
+        }
         Policy::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// Policies that skip FFN blocks only (what a compensation can stand in for).
+    pub fn skips_ffn_only(self) -> bool {
+        matches!(
+            self,
+            Policy::Adaptive
+                | Policy::Random
+                | Policy::Static
+                | Policy::Placed
+                | Policy::AdaptiveLayer
+                | Policy::Auto
+        )
+    }
+
+    /// The greedy cosine-triggered run (FFN-SkipLLM and its per-layer variant).
+    pub fn is_adaptive(self) -> bool {
+        matches!(self, Policy::Adaptive | Policy::AdaptiveLayer)
     }
 }
 
@@ -64,10 +103,10 @@ pub struct SkipOptions {
     pub cold_end: Option<usize>,
     pub full_every: Option<usize>,
     pub seed: u64,
-    /// Add the layer's calibrated mean FFN output in place of a skipped FFN.
-    pub compensate: bool,
-    /// Quality budget: with `adaptive`, the ratio (and compensation) come from the profile's
-    /// KLD curve — the largest calibrated ratio whose mean KLD stays within this many nats.
+    /// What is added in place of a skipped FFN (`auto`: low-rank when the profile has it).
+    pub compensate: Compensation,
+    /// Quality budget: the ratio (and compensation) come from the profile's KLD curve for the
+    /// policy — the largest calibrated ratio whose mean KLD stays within this many nats.
     pub max_kld: Option<f64>,
 }
 
@@ -86,7 +125,7 @@ impl SkipOptions {
             cold_end: None,
             full_every: None,
             seed: 0,
-            compensate: false,
+            compensate: Compensation::None,
             max_kld: None,
         }
     }
@@ -118,14 +157,51 @@ pub enum ParamsError {
     /// ShortGPT ranks layers by Block Influence, which only a calibration profile has.
     #[error("policy {} ranks layers by Block Influence and needs a calibration profile", .0.name())]
     NeedsProfile(Policy),
-    /// Compensation adds the profile's mean FFN outputs, which older profiles lack.
-    #[error("compensation needs a calibration profile with ffn_mean")]
-    NeedsFfnMean,
-    /// A quality budget needs the profile's KLD curve (and the adaptive policy it measures).
-    #[error("max_kld needs policy adaptive and a calibration profile with kld_curve")]
-    NeedsKldCurve,
+    /// Compensation adds what calibration fitted, which older profiles lack.
+    #[error("compensation {} needs a calibration profile with {}", .0.name(), compensation_field(*.0))]
+    NeedsCompensation(Compensation),
+    /// A quality budget needs the profile's KLD curve for the policy.
+    #[error("max_kld needs a calibration profile whose kld_curve measures policy {}", .0.name())]
+    NeedsKldCurve(Policy),
+    /// Compensation stands in for a skipped FFN block; these policies skip whole layers.
+    #[error("compensation applies to policies that skip FFN blocks only, not {}", .0.name())]
+    CompensationPolicy(Policy),
     #[error("max_kld {0} is not a number ≥ 0")]
     MaxKldInvalid(f64),
+}
+
+/// The profile field a compensation reads.
+pub fn compensation_field(c: Compensation) -> &'static str {
+    match c {
+        Compensation::None => "nothing",
+        Compensation::Mean => "ffn_mean",
+        Compensation::Lowrank => "ffn_lowrank",
+    }
+}
+
+/// For each run length k in `0..=n_layer`: the start of the run of k layers inside
+/// `lo..hi` with the least summed `damage` (ties: the earlier run). Runs longer than the
+/// region start at `lo` and are cut at `hi`.
+pub fn least_damage_runs(damage: &[f32], lo: usize, hi: usize) -> Vec<usize> {
+    let n = damage.len();
+    let mut prefix = vec![0f64; n + 1];
+    for (i, &d) in damage.iter().enumerate() {
+        prefix[i + 1] = prefix[i] + f64::from(d);
+    }
+    (0..=n)
+        .map(|k| {
+            if k == 0 || lo + k > hi {
+                return lo;
+            }
+            (lo..=hi - k)
+                .min_by(|&a, &b| {
+                    (prefix[a + k] - prefix[a])
+                        .total_cmp(&(prefix[b + k] - prefix[b]))
+                        .then(a.cmp(&b))
+                })
+                .unwrap_or(lo)
+        })
+        .collect()
 }
 
 /// Default target ratio when no ratio is given.
@@ -151,8 +227,14 @@ pub struct SkipParams {
     pub seed: u64,
     /// Where the parameters came from, for the user.
     pub source: String,
-    /// Per layer `[n_embd]`: added to a row whose FFN is skipped (empty: nothing added).
-    pub ffn_estimate: Vec<Vec<f32>>,
+    /// Per layer: added to a row whose FFN is skipped (empty: nothing added).
+    pub ffn_estimate: Vec<FfnMap>,
+    pub compensation: Compensation,
+    /// `placed`, indexed by a token's budget k: the first layer of the contiguous run of k
+    /// layers inside the non-cold region whose summed calibrated damage is least.
+    pub ranked: Vec<usize>,
+    /// `adaptive-layer`: per-layer threshold on the previous layer's cosine (empty: global).
+    pub layer_threshold: Vec<f32>,
 }
 
 impl SkipParams {
@@ -174,6 +256,9 @@ impl SkipParams {
             seed: 0,
             source: "full model".into(),
             ffn_estimate: Vec::new(),
+            compensation: Compensation::None,
+            ranked: Vec::new(),
+            layer_threshold: Vec::new(),
         }
     }
 
@@ -188,27 +273,40 @@ impl SkipParams {
         if opts.policy == Policy::None {
             return Ok(SkipParams::none(n_layer));
         }
+        // `auto`: the recommended rule, adaptive with the low-rank compensation.
+        let (policy, mut compensate) = match opts.policy {
+            Policy::Auto => {
+                if !profile.is_some_and(|(p, _)| p.has(Compensation::Lowrank)) {
+                    return Err(ParamsError::NeedsProfile(Policy::Auto));
+                }
+                let c = match opts.compensate {
+                    Compensation::None => Compensation::Lowrank,
+                    c => c,
+                };
+                (Policy::Adaptive, c)
+            }
+            p => (p, opts.compensate),
+        };
         // A quality budget picks the ratio and compensation from the profile's KLD curve.
         let mut budget_note = None;
-        let mut compensate = opts.compensate;
         let mut ratio = opts.ratio.unwrap_or(DEFAULT_RATIO);
         if let Some(x) = opts.max_kld {
             if !(x.is_finite() && x >= 0.0) {
                 return Err(ParamsError::MaxKldInvalid(x));
             }
-            let curve = match profile {
-                Some((p, _)) if opts.policy == Policy::Adaptive && !p.kld_curve.is_empty() => {
-                    &p.kld_curve
-                }
-                _ => return Err(ParamsError::NeedsKldCurve),
+            let (curve, p) = match profile {
+                Some((p, _)) if p.kld_curve.iter().any(|k| k.policy == policy) => (&p.kld_curve, p),
+                _ => return Err(ParamsError::NeedsKldCurve(policy)),
             };
             // The largest ratio within budget; at equal ratio the lower KLD.
+            // `auto` reads its own series (adaptive+lowrank); otherwise any compensation.
+            let series = |k: &&KldPoint| {
+                opts.policy != Policy::Auto || k.compensation == Compensation::Lowrank
+            };
             let best = curve
                 .iter()
-                .filter(|k| {
-                    k.kld_mean <= x
-                        && (!k.compensate || profile.is_some_and(|(p, _)| !p.ffn_mean.is_empty()))
-                })
+                .filter(series)
+                .filter(|k| k.policy == policy && k.kld_mean <= x && p.has(k.compensation))
                 .max_by(|a, b| {
                     a.ratio
                         .total_cmp(&b.ratio)
@@ -217,15 +315,11 @@ impl SkipParams {
             match best {
                 Some(k) => {
                     ratio = k.ratio;
-                    compensate = k.compensate;
+                    compensate = k.compensation;
                     budget_note = Some(format!(
-                        "; --max-kld {x}: ratio {} {}(calibrated KLD {:.4})",
+                        "; --max-kld {x}: ratio {}{} (calibrated KLD {:.4})",
                         k.ratio,
-                        if k.compensate {
-                            "with compensation "
-                        } else {
-                            ""
-                        },
+                        k.compensation.suffix(),
                         k.kld_mean
                     ));
                 }
@@ -280,9 +374,11 @@ impl SkipParams {
         let mut schedule = Schedule::for_ratio(ratio, n_layer, warmup, full_every);
         let mut threshold = DEFAULT_THRESHOLD;
         let mut removed = Vec::new();
+        let mut ranked = Vec::new();
+        let mut layer_threshold = Vec::new();
         let mut source;
-        match (opts.policy, profile) {
-            (Policy::Adaptive, Some((p, from))) => match p.nearest(ratio) {
+        match (policy, profile) {
+            (Policy::Adaptive | Policy::AdaptiveLayer, Some((p, from))) => match p.nearest(ratio) {
                 Some(s) if s.ratio > 0.0 => {
                     threshold = s.threshold;
                     // The suggestion's budget realizes its ratio; scale to the target.
@@ -314,7 +410,16 @@ impl SkipParams {
                     p.tokens
                 );
             }
-            (Policy::Shortgpt, None) => return Err(ParamsError::NeedsProfile(Policy::Shortgpt)),
+            (Policy::Placed, Some((p, from))) if !p.ffn_damage.is_empty() => {
+                ranked = least_damage_runs(&p.ffn_damage, cold_start, n_layer - cold_end);
+                source = format!(
+                    "per-layer damage from the calibration profile in {from} ({} tokens)",
+                    p.tokens
+                );
+            }
+            (Policy::Shortgpt | Policy::Placed | Policy::AdaptiveLayer, _) => {
+                return Err(ParamsError::NeedsProfile(policy))
+            }
             (_, Some((p, from))) => {
                 source = format!("cold regions from the calibration profile in {from} ({} tokens)", p.tokens)
             }
@@ -324,19 +429,29 @@ impl SkipParams {
                 )
             }
         }
+        if let (Policy::AdaptiveLayer, Some((p, _))) = (policy, profile) {
+            layer_threshold = p.ffn_cos.iter().map(|s| s.p50).collect();
+            source.push_str("; per-layer thresholds: each layer's median cosine");
+        }
         if let Some(t) = opts.threshold {
             threshold = t;
         }
         if let Some(n) = budget_note {
             source.push_str(&n);
         }
+        if compensate != Compensation::None && !policy.skips_ffn_only() {
+            return Err(ParamsError::CompensationPolicy(policy));
+        }
         let ffn_estimate = match (compensate, profile) {
-            (false, _) => Vec::new(),
-            (true, Some((p, _))) if !p.ffn_mean.is_empty() => p.ffn_mean.clone(),
-            (true, _) => return Err(ParamsError::NeedsFfnMean),
+            (Compensation::None, _) => Vec::new(),
+            (Compensation::Mean, Some((p, _))) if p.has(compensate) => {
+                p.ffn_mean.iter().cloned().map(FfnMap::mean).collect()
+            }
+            (Compensation::Lowrank, Some((p, _))) if p.has(compensate) => p.ffn_lowrank.clone(),
+            (c, _) => return Err(ParamsError::NeedsCompensation(c)),
         };
         Ok(SkipParams {
-            policy: opts.policy,
+            policy,
             n_layer,
             ratio,
             threshold,
@@ -347,6 +462,9 @@ impl SkipParams {
             seed: opts.seed,
             source,
             ffn_estimate,
+            compensation: compensate,
+            ranked,
+            layer_threshold,
         })
     }
 
@@ -354,8 +472,9 @@ impl SkipParams {
     pub fn describe(&self) -> String {
         let s = &self.schedule;
         let base = format!(
-            "skip: {} at target {:.0}%",
+            "skip: {}{} at target {:.0}%",
             self.policy.name(),
+            self.compensation.suffix(),
             self.ratio * 100.0
         );
         match self.policy {
@@ -364,7 +483,16 @@ impl SkipParams {
                 "{base}: layers {:?} removed — {}",
                 self.removed, self.source
             ),
-            Policy::Adaptive => format!(
+            Policy::Placed => format!(
+                "{base}: k {:.2}/token, the run starting at layer {} (least calibrated damage), cold {}+{}, warm-up {} — {}",
+                s.k,
+                self.ranked.get(s.k.ceil() as usize).copied().unwrap_or(0),
+                self.cold_start,
+                self.cold_end,
+                s.warmup,
+                self.source
+            ),
+            Policy::Adaptive | Policy::AdaptiveLayer => format!(
                 "{base}: threshold {}, k {:.2}/token, cold {}+{}, warm-up {}, full every {} — {}",
                 self.threshold,
                 s.k,

@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::compensation::{Compensation, FfnMap};
+use super::Policy;
+
 pub const PROFILE_VERSION: u32 = 1;
 
 /// Distribution of one cosine over the calibration tokens at one layer.
@@ -61,13 +64,28 @@ pub struct Profile {
     /// (`--max-kld` picks from it). Empty in profiles written before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kld_curve: Vec<KldPoint>,
+    /// Per layer: the low-rank least-squares estimate of the FFN output from its input
+    /// (`+lowrank`, `measure::lowrank`), fitted on calibration tokens
+    /// outside the ones the KLD curve is measured on. Empty in profiles written before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ffn_lowrank: Vec<FfnMap>,
+    /// Per layer: mean KL(full ‖ this layer's FFN skipped for every token, `+lowrank` when
+    /// fitted), nats per token: the damage `placed` ranks layers by. Empty before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ffn_damage: Vec<f32>,
 }
 
-/// One point of [`Profile::kld_curve`]: `adaptive` at a target ratio, with or without the
-/// mean-FFN compensation, teacher-forced over the calibration tokens.
+/// One point of [`Profile::kld_curve`]: a policy at a target ratio with a compensation,
+/// teacher-forced over the calibration tokens.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KldPoint {
+    #[serde(default = "adaptive")]
+    pub policy: Policy,
     pub ratio: f64,
+    #[serde(default)]
+    pub compensation: Compensation,
+    /// Profiles written before `compensation`: `true` meant `+mean` (read, never written).
+    #[serde(default, skip_serializing)]
     pub compensate: bool,
     /// Realized share of FFN blocks skipped.
     pub ffn_skip: f64,
@@ -75,7 +93,29 @@ pub struct KldPoint {
     pub kld_mean: f64,
 }
 
+fn adaptive() -> Policy {
+    Policy::Adaptive
+}
+
 impl Profile {
+    /// Upgrades fields written by earlier versions (`KldPoint::compensate`).
+    pub fn upgrade(&mut self) {
+        for k in &mut self.kld_curve {
+            if std::mem::take(&mut k.compensate) {
+                k.compensation = Compensation::Mean;
+            }
+        }
+    }
+
+    /// Whether the profile carries what `compensation` adds.
+    pub fn has(&self, compensation: Compensation) -> bool {
+        match compensation {
+            Compensation::None => true,
+            Compensation::Mean => !self.ffn_mean.is_empty(),
+            Compensation::Lowrank => !self.ffn_lowrank.is_empty(),
+        }
+    }
+
     /// Structural checks; every error names the field.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
@@ -103,6 +143,25 @@ impl Profile {
                 "ffn_mean holds a non-finite value"
             );
         }
+        if !self.ffn_lowrank.is_empty() {
+            anyhow::ensure!(
+                self.ffn_lowrank.len() == n,
+                "ffn_lowrank has {} layers, expected n_layer = {n}",
+                self.ffn_lowrank.len()
+            );
+            let d = self.ffn_lowrank[0].offset.len();
+            for (l, m) in self.ffn_lowrank.iter().enumerate() {
+                m.validate(d)
+                    .map_err(|e| anyhow::anyhow!("ffn_lowrank layer {l}: {e}"))?;
+            }
+        }
+        anyhow::ensure!(
+            self.ffn_damage.is_empty()
+                || (self.ffn_damage.len() == n
+                    && self.ffn_damage.iter().all(|x| x.is_finite() && *x >= 0.0)),
+            "ffn_damage has {} values, expected n_layer = {n} finite values ≥ 0",
+            self.ffn_damage.len()
+        );
         anyhow::ensure!(
             self.cold_start + self.cold_end <= n,
             "cold_start {} + cold_end {} exceed n_layer {n}",

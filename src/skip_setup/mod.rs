@@ -96,21 +96,38 @@ pub fn flag_message(e: &ParamsError) -> String {
             "--full-every 1 would run every token in full (use 0 for never, or ≥ 2)".into()
         }
         ParamsError::NeedsProfile(p) => format!(
-            "--skip {} ranks layers by Block Influence and needs a calibration profile: \
+            "--skip {} {} and needs a calibration profile: \
              run `ffnskip calibrate -m MODEL` and pass --skip-profile PROFILE.json (or embed it with --embed)",
-            p.name()
+            p.name(),
+            match p {
+                Policy::Shortgpt => "ranks layers by Block Influence",
+                Policy::AdaptiveLayer => "reads each layer's median cosine",
+                Policy::Auto => "adds the calibrated low-rank FFN estimate (ffn_lowrank, from this version)",
+                _ => "ranks layers by their calibrated damage (ffn_damage, from this version)",
+            }
         ),
         ParamsError::ProfileLayers { .. } => e.to_string(),
-        ParamsError::NeedsKldCurve => "--max-kld picks adaptive's ratio from the KL divergence \
-             curve of a calibration profile: use --skip adaptive with a profile from this \
-             version's `ffnskip calibrate -m MODEL` (--skip-profile PROFILE.json, or embedded \
-             with --embed)"
-            .into(),
+        ParamsError::NeedsKldCurve(p) => format!(
+            "--max-kld picks the ratio from the KL divergence curve of a calibration profile, \
+             which has none for --skip {}: use --skip auto (or adaptive, placed) with a profile \
+             from this version's `ffnskip calibrate -m MODEL` (--skip-profile PROFILE.json, or \
+             embedded with --embed)",
+            p.name()
+        ),
         ParamsError::MaxKldInvalid(x) => format!("--max-kld {x}: expected a number of nats ≥ 0"),
-        ParamsError::NeedsFfnMean => "--skip …+mean adds the calibrated mean FFN output of each \
-             skipped layer, which this profile lacks: rerun `ffnskip calibrate -m MODEL` and pass \
-             --skip-profile PROFILE.json (or embed it with --embed)"
-            .into(),
+        ParamsError::NeedsCompensation(c) => format!(
+            "--compensate {} (or --skip …{}) adds what calibration fitted ({}), which this \
+             profile lacks: rerun `ffnskip calibrate -m MODEL` and pass --skip-profile \
+             PROFILE.json (or embed it with --embed)",
+            c.name(),
+            c.suffix(),
+            crate::skip::params::compensation_field(*c)
+        ),
+        ParamsError::CompensationPolicy(p) => format!(
+            "--compensate applies to policies that skip FFN blocks only (adaptive, \
+             adaptive-layer, placed, auto, random, static), not {}",
+            p.name()
+        ),
     }
 }
 

@@ -6,8 +6,17 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::gguf::{GgufFile, GgufWriter, Value, ValueType};
-use crate::skip::{KldPoint, LayerStat, Profile, Suggestion};
+use crate::gguf::{GgmlType, GgufFile, GgufWriter, Value, ValueType};
+use crate::skip::compensation::{Compensation, FfnMap};
+use crate::skip::{KldPoint, LayerStat, Policy, Profile, Suggestion};
+
+/// Prefix of the low-rank compensation's F32 tensors: `{prefix}.{layer}.{offset,down,up}`,
+/// offset `[n_embd]`, down and up `[n_embd, rank]` (ggml order: ne0 = n_embd).
+const LOWRANK: &str = "ffnskip.lowrank";
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
 
 /// `LayerStat` fields in key order: `ffnskip.profile.{ffn_cos,layer_cos}.{field}`.
 const STAT_FIELDS: [&str; 5] = ["mean", "p10", "p50", "p90", "frac_ge_095"];
@@ -39,8 +48,9 @@ fn f64_array(v: impl IntoIterator<Item = f64>) -> Value {
 pub fn load_json(path: &Path) -> anyhow::Result<Profile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read skip profile {}", path.display()))?;
-    let p: Profile = serde_json::from_str(&text)
+    let mut p: Profile = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a ffnskip profile", path.display()))?;
+    p.upgrade();
     p.validate()
         .with_context(|| format!("{}: invalid profile", path.display()))?;
     Ok(p)
@@ -53,8 +63,8 @@ pub fn save_json(p: &Profile, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `p` as `ffnskip.*` keys.
-pub fn to_gguf(p: &Profile, w: &mut GgufWriter) {
+/// Writes `p` as `ffnskip.*` keys and (the low-rank compensation) `ffnskip.lowrank.*` tensors.
+pub fn to_gguf(p: &Profile, w: &mut GgufWriter) -> anyhow::Result<()> {
     w.set("ffnskip.profile.version", Value::U32(p.version));
     w.set("ffnskip.profile.n_layer", Value::U32(p.n_layer as u32));
     w.set("ffnskip.profile.tokens", Value::U64(p.tokens as u64));
@@ -89,8 +99,23 @@ pub fn to_gguf(p: &Profile, w: &mut GgufWriter) {
         let k = &p.kld_curve;
         w.set("ffnskip.kld.ratio", f64_array(k.iter().map(|k| k.ratio)));
         w.set(
+            "ffnskip.kld.policy",
+            Value::Array(
+                ValueType::String,
+                k.iter()
+                    .map(|k| Value::String(k.policy.name().into()))
+                    .collect(),
+            ),
+        );
+        // 0 none, 1 mean, 2 lowrank (Compensation::ALL order).
+        w.set(
             "ffnskip.kld.compensate",
-            f64_array(k.iter().map(|k| f64::from(u8::from(k.compensate)))),
+            f64_array(k.iter().map(|k| {
+                Compensation::ALL
+                    .iter()
+                    .position(|&c| c == k.compensation)
+                    .unwrap_or(0) as f64
+            })),
         );
         w.set(
             "ffnskip.kld.ffn_skip",
@@ -105,6 +130,78 @@ pub fn to_gguf(p: &Profile, w: &mut GgufWriter) {
             f32_array(p.ffn_mean.iter().flatten().copied()),
         );
     }
+    if !p.ffn_damage.is_empty() {
+        w.set(
+            "ffnskip.profile.ffn_damage",
+            f32_array(p.ffn_damage.iter().copied()),
+        );
+    }
+    for (l, m) in p.ffn_lowrank.iter().enumerate() {
+        let d = m.offset.len() as u64;
+        let r = m.rank() as u64;
+        w.add_tensor(
+            &format!("{LOWRANK}.{l}.offset"),
+            GgmlType::F32,
+            &[d],
+            f32_bytes(&m.offset),
+        )?;
+        if r > 0 {
+            w.add_tensor(
+                &format!("{LOWRANK}.{l}.down"),
+                GgmlType::F32,
+                &[d, r],
+                f32_bytes(&m.down),
+            )?;
+            w.add_tensor(
+                &format!("{LOWRANK}.{l}.up"),
+                GgmlType::F32,
+                &[d, r],
+                f32_bytes(&m.up),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The low-rank compensation's tensors, if the file has them.
+fn lowrank_from_gguf(f: &GgufFile, n: usize) -> anyhow::Result<Vec<FfnMap>> {
+    let path = f.path().display();
+    let tensor = |name: &str| -> anyhow::Result<Option<(Vec<u64>, Vec<f32>)>> {
+        let Some(info) = f.tensor_info(name) else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            info.ty == GgmlType::F32,
+            "{path}: tensor '{name}' is {}, expected F32",
+            info.ty
+        );
+        let data = f.tensor_data(info);
+        let v = data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(Some((info.shape.clone(), v)))
+    };
+    if f.tensor_info(&format!("{LOWRANK}.0.offset")).is_none() {
+        return Ok(Vec::new());
+    }
+    (0..n)
+        .map(|l| {
+            let name = format!("{LOWRANK}.{l}.offset");
+            let (_, offset) =
+                tensor(&name)?.with_context(|| format!("{path}: tensor '{name}' is missing"))?;
+            let down = tensor(&format!("{LOWRANK}.{l}.down"))?;
+            let up = tensor(&format!("{LOWRANK}.{l}.up"))?;
+            let (down, up) = match (down, up) {
+                (None, None) => (Vec::new(), Vec::new()),
+                (Some((sd, down)), Some((su, up))) if sd == su => (down, up),
+                _ => anyhow::bail!(
+                    "{path}: tensors '{LOWRANK}.{l}.down' and '.up' must both exist with equal shapes"
+                ),
+            };
+            Ok(FfnMap { offset, down, up })
+        })
+        .collect()
 }
 
 /// Reads a profile written by [`to_gguf`]; `None` when the file has none.
@@ -194,25 +291,56 @@ pub fn from_gguf(f: &GgufFile) -> anyhow::Result<Option<Profile>> {
             None => Vec::new(),
             Some(_) => {
                 let ratio = f64s("ffnskip.kld.ratio")?;
+                let policy: Vec<Policy> = match f.get("ffnskip.kld.policy") {
+                    None => vec![Policy::Adaptive; ratio.len()],
+                    Some(Value::Array(ValueType::String, items)) => items
+                        .iter()
+                        .map(|v| match v {
+                            Value::String(s) => Policy::parse(s).with_context(|| {
+                                format!("{path}: ffnskip.kld.policy: unknown policy '{s}'")
+                            }),
+                            _ => anyhow::bail!("{path}: ffnskip.kld.policy is not a string array"),
+                        })
+                        .collect::<anyhow::Result<_>>()?,
+                    Some(v) => anyhow::bail!(
+                        "{path}: key 'ffnskip.kld.policy' must be an array of strings, found {}",
+                        v.type_desc()
+                    ),
+                };
                 let (comp, skip, mean) = (
                     f64s("ffnskip.kld.compensate")?,
                     f64s("ffnskip.kld.ffn_skip")?,
                     f64s("ffnskip.kld.mean")?,
                 );
                 anyhow::ensure!(
-                    [comp.len(), skip.len(), mean.len()]
+                    [comp.len(), skip.len(), mean.len(), policy.len()]
                         .iter()
                         .all(|&l| l == ratio.len()),
                     "{path}: the ffnskip.kld.* arrays differ in length"
                 );
                 (0..ratio.len())
-                    .map(|i| KldPoint {
-                        ratio: ratio[i],
-                        compensate: comp[i] != 0.0,
-                        ffn_skip: skip[i],
-                        kld_mean: mean[i],
+                    .map(|i| {
+                        let c = comp[i];
+                        let compensation = Compensation::ALL
+                            .into_iter()
+                            .enumerate()
+                            .find(|&(j, _)| j as f64 == c)
+                            .map(|(_, c)| c)
+                            .with_context(|| {
+                                format!(
+                                    "{path}: ffnskip.kld.compensate holds {c}, expected 0, 1 or 2"
+                                )
+                            })?;
+                        Ok(KldPoint {
+                            policy: policy[i],
+                            ratio: ratio[i],
+                            compensation,
+                            compensate: false,
+                            ffn_skip: skip[i],
+                            kld_mean: mean[i],
+                        })
                     })
-                    .collect()
+                    .collect::<anyhow::Result<_>>()?
             }
         },
         ffn_mean: match f.opt_f32_array("ffnskip.profile.ffn_mean")? {
@@ -226,6 +354,10 @@ pub fn from_gguf(f: &GgufFile) -> anyhow::Result<Option<Profile>> {
                 v.chunks_exact(v.len() / n).map(<[f32]>::to_vec).collect()
             }
         },
+        ffn_damage: f
+            .opt_f32_array("ffnskip.profile.ffn_damage")?
+            .unwrap_or_default(),
+        ffn_lowrank: lowrank_from_gguf(f, n)?,
     };
     p.validate()
         .with_context(|| format!("{path}: invalid embedded ffnskip profile"))?;
@@ -240,8 +372,12 @@ pub fn embed(p: &Profile, src: &GgufFile, out: &Path) -> anyhow::Result<()> {
             w.set(k, v.clone());
         }
     }
-    to_gguf(p, &mut w);
-    for t in src.tensors() {
+    to_gguf(p, &mut w)?;
+    for t in src
+        .tensors()
+        .iter()
+        .filter(|t| !t.name.starts_with("ffnskip."))
+    {
         w.add_tensor(&t.name, t.ty, &t.shape, src.tensor_data(t))
             .with_context(|| format!("copying tensor '{}'", t.name))?;
     }
@@ -282,22 +418,51 @@ mod tests {
             }],
             kld_curve: vec![
                 KldPoint {
+                    policy: Policy::Adaptive,
                     ratio: 0.1,
+                    compensation: Compensation::None,
                     compensate: false,
                     ffn_skip: 0.0999,
                     kld_mean: 0.25,
                 },
                 KldPoint {
+                    policy: Policy::Adaptive,
                     ratio: 0.1,
-                    compensate: true,
+                    compensation: Compensation::Mean,
+                    compensate: false,
                     ffn_skip: 0.1,
                     kld_mean: 0.125,
                 },
+                KldPoint {
+                    policy: Policy::Placed,
+                    ratio: 0.25,
+                    compensation: Compensation::Lowrank,
+                    compensate: false,
+                    ffn_skip: 0.25,
+                    kld_mean: 0.5,
+                },
             ],
-            // The compensation estimates travel with it.
+            // The compensation estimates travel with it: the means as metadata, the low-rank
+            // maps (rank 2 at layer 0, rank 0 elsewhere) as F32 tensors.
             ffn_mean: (0..4)
                 .map(|l| vec![l as f32, -0.5, 1.0 / (l + 3) as f32])
                 .collect(),
+            ffn_lowrank: (0..4)
+                .map(|l| FfnMap {
+                    offset: vec![0.5, l as f32, -1.0 / 3.0],
+                    down: if l == 0 {
+                        vec![1.0, 2.0, 3.0, -4.0, 5.5, 1e-7]
+                    } else {
+                        Vec::new()
+                    },
+                    up: if l == 0 {
+                        vec![0.25, -2.0, 3.0, 4.0, 5.0, 6.0]
+                    } else {
+                        Vec::new()
+                    },
+                })
+                .collect(),
+            ffn_damage: vec![0.5, 0.01, 0.02, 0.25],
         }
     }
 
@@ -311,8 +476,39 @@ mod tests {
         let mut w = GgufWriter::new();
         w.set("general.architecture", Value::String("llama".into()));
         assert_eq!(from_gguf(&gguf(&w)).unwrap(), None);
-        to_gguf(&p, &mut w);
-        assert_eq!(from_gguf(&gguf(&w)).unwrap(), Some(p));
+        to_gguf(&p, &mut w).unwrap();
+        assert_eq!(from_gguf(&gguf(&w)).unwrap(), Some(p.clone()));
+        // The low-rank maps are tensors with their shapes.
+        let g = gguf(&w);
+        let t = g.tensor_info("ffnskip.lowrank.0.down").unwrap();
+        assert_eq!((t.ty, t.shape.as_slice()), (GgmlType::F32, &[3u64, 2][..]));
+        assert!(g.tensor_info("ffnskip.lowrank.1.down").is_none());
+        // A map with one of its tensors missing is an error that names it.
+        let mut half = p.clone();
+        half.ffn_lowrank.clear();
+        let mut w2 = GgufWriter::new();
+        to_gguf(&half, &mut w2).unwrap();
+        for l in 0..4 {
+            let m = &p.ffn_lowrank[l];
+            w2.add_tensor(
+                &format!("{LOWRANK}.{l}.offset"),
+                GgmlType::F32,
+                &[3],
+                f32_bytes(&m.offset),
+            )
+            .unwrap();
+        }
+        w2.add_tensor(
+            &format!("{LOWRANK}.0.down"),
+            GgmlType::F32,
+            &[3, 2],
+            f32_bytes(&p.ffn_lowrank[0].down),
+        )
+        .unwrap();
+        assert_eq!(
+            from_gguf(&gguf(&w2)).unwrap_err().to_string(),
+            "p.gguf: tensors 'ffnskip.lowrank.0.down' and '.up' must both exist with equal shapes"
+        );
         // A profile missing one of its keys is an error that names the key.
         w.remove("ffnskip.suggest.threshold");
         let e = from_gguf(&gguf(&w)).unwrap_err();
