@@ -520,6 +520,8 @@ fn calibrate_and_round_trip(path: &std::path::Path, text: &str, tokens: usize) -
     }
     assert_eq!(p.ffn_damage.len(), p.n_layer);
     assert!(p.ffn_damage.iter().all(|d| d.is_finite() && *d >= 0.0));
+    // Skipping any one FFN for every token moves the distributions.
+    assert!(p.ffn_damage.iter().all(|&d| d > 0.0), "{:?}", p.ffn_damage);
     // Mean FFN output per layer (compensation), finite and not all zero.
     assert_eq!(p.ffn_mean.len(), p.n_layer);
     assert!(p.ffn_mean.iter().all(|v| v.len() == model.config.n_embd));

@@ -407,7 +407,8 @@ impl<'t> Reference<'t> {
                         k: 1.0,
                         full_every: 0,
                     },
-                    ranked: vec![l],
+                    // A budget of 1 runs from layer l (`ranked` is indexed by budget).
+                    ranked: vec![l, l],
                     ffn_estimate: estimate.clone(),
                     compensation,
                     source: format!("calibration: layer {l} alone"),
