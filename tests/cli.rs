@@ -268,4 +268,33 @@ fn skip_flag_errors_are_clear() {
         String::from_utf8_lossy(&out.stderr).trim(),
         "error: --skip adaptive:2: ratio '2' is not a number in 0..1"
     );
+    // `auto` (alias `best`) needs a profile with the low-rank compensation.
+    for name in ["auto", "best"] {
+        let out = ffnskip(&["generate", "-m", m, "-p", "hi", "--skip", name]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && stderr.contains(
+                    "error: --skip auto adds the calibrated low-rank FFN estimate (ffn_lowrank, \
+                     from this version) and needs a calibration profile: run `ffnskip calibrate"
+                ),
+            "{stderr}"
+        );
+    }
+    let out = ffnskip(&[
+        "generate",
+        "-m",
+        m,
+        "-p",
+        "hi",
+        "--skip",
+        "adaptive",
+        "--compensate",
+        "median",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid value 'median' for '--compensate [<COMPENSATE>]': 'median' is not one of none, mean, lowrank"),
+        "{stderr}"
+    );
 }
