@@ -84,3 +84,4 @@ for name in $MODELS; do
     echo "wrote $D/frontier.md and docs/img/frontier-$name.{svg,png}"
   fi
 done
+if has assemble; then bash scripts/frontier-report.sh "$W"; fi

@@ -487,6 +487,22 @@ mod tests {
     }
 
     #[test]
+    fn adaptive_layer_reads_each_layers_own_threshold() {
+        // Global 0.96 is reached at layers 3 and 6; layer 3's own threshold is above 0.96 and
+        // layer 5's is 0, which its cosine 0 reaches: the run starts after layer 5.
+        let mut p = params(Policy::AdaptiveLayer);
+        p.schedule.k = 2.0;
+        p.layer_threshold = vec![0.96, 0.96, 0.96, 0.97, 0.96, 0.0, 0.96, 0.96, 0.96, 0.96];
+        let cos = |_: usize, l: usize| if l == 3 || l == 6 { 0.96 } else { 0.0 };
+        let mut c = controller(p.clone());
+        assert_eq!(decode(&mut c, 0, 1, &cos), ["FFFFFFssFF"]);
+        // Without per-layer thresholds it is the paper's rule.
+        p.layer_threshold.clear();
+        let mut c = controller(p);
+        assert_eq!(decode(&mut c, 0, 1, &cos), ["FFFFssFFFF"]);
+    }
+
+    #[test]
     fn adaptive_threshold_is_reached_at_equality() {
         let at = |threshold: f32, cold_start: usize, cos: f32| {
             let mut p = params(Policy::Adaptive);
