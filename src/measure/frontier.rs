@@ -29,6 +29,8 @@ pub struct Point {
     pub llama_cpp_tok_s: f64,
     /// Weight bytes read per decoded token.
     pub bytes_per_token: f64,
+    /// Share of the full model's weight bytes per token not read (teacher-forced, `eval`).
+    pub bytes_skipped: Option<f64>,
     pub kld_mean: Option<f64>,
     pub kld_p99: Option<f64>,
     pub top1: Option<f64>,
@@ -116,6 +118,7 @@ pub fn join(bench: &[&Path], evals: &[&Path]) -> anyhow::Result<Vec<Point>> {
                 match task {
                     "perplexity" => {
                         p.kld_mean = m("kld_mean");
+                        p.bytes_skipped = num(r, &["weight_bytes_skipped"]);
                         p.kld_p99 = m("kld_p99");
                         p.top1 = m("top1_agreement");
                         // The teacher-forced ratio (every row of every window decides) is the
@@ -145,8 +148,8 @@ pub fn join(bench: &[&Path], evals: &[&Path]) -> anyhow::Result<Vec<Point>> {
 pub fn markdown(points: &[Point]) -> String {
     let f = |x: Option<f64>, d: usize| x.map_or("–".into(), |x| format!("{x:.d$}"));
     let mut s = String::from(
-        "| file | quant | policy | FFN skip | decode tok/s | vs full | MB/token | KLD mean | KLD p99 | top-1 same | MBPP pass@1 |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| file | quant | policy | FFN skip | bytes skipped | decode tok/s | vs full | MB/token | KLD mean | KLD p99 | top-1 same | MBPP pass@1 |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         let full = points
@@ -157,11 +160,13 @@ pub fn markdown(points: &[Point]) -> String {
             .filter(|f| f.is_finite() && p.tok_s[0].is_finite())
             .map(|f| p.tok_s[0] / f);
         s.push_str(&format!(
-            "| {} | {} | {} | {:.1}% | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.1}% | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             p.file,
             p.quant,
             p.policy,
             p.ffn_skip * 100.0,
+            p.bytes_skipped
+                .map_or("–".into(), |b| format!("{:.1}%", b * 100.0)),
             if p.tok_s[0].is_finite() {
                 format!("{:.1} ({:.1}–{:.1})", p.tok_s[0], p.tok_s[1], p.tok_s[2])
             } else {
@@ -289,7 +294,7 @@ mod tests {
         let e = dir.join("e.json");
         std::fs::write(
             &e,
-            r#"{"task":"perplexity","model":"/y/m.gguf","results":[{"policy":"auto:0.25","ffn_skip_ratio":0.26,"metrics":{"kld_mean":0.5,"kld_p99":3.0,"top1_agreement":0.8}}]}
+            r#"{"task":"perplexity","model":"/y/m.gguf","results":[{"policy":"auto:0.25","ffn_skip_ratio":0.26,"weight_bytes_skipped":0.125,"metrics":{"kld_mean":0.5,"kld_p99":3.0,"top1_agreement":0.8}}]}
 {"task":"code","model":"/y/m.gguf","results":[{"policy":"auto:0.25","ffn_skip_ratio":0.2,"metrics":{"pass_at_1":0.7}}]}"#,
         )
         .unwrap();
@@ -303,9 +308,10 @@ mod tests {
         assert_eq!(p.tok_s, [12.0, 11.0, 13.0]);
         assert_eq!(
             (p.kld_mean, p.pass_at_1, p.ffn_skip),
-            (Some(0.5), Some(0.7), 0.25)
+            (Some(0.5), Some(0.7), 0.26)
         );
-        assert!(markdown(&pts).contains("| m.gguf | Q8_0 | auto:0.25 | 25.0% | 12.0 (11.0–13.0) |"));
+        assert!(markdown(&pts)
+            .contains("| m.gguf | Q8_0 | auto:0.25 | 26.0% | 12.5% | 12.0 (11.0–13.0) |"));
         let bad = dir.join("bad.json");
         std::fs::write(&bad, "{").unwrap();
         let e = join(&[], &[&bad]).unwrap_err().to_string();
