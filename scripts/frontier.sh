@@ -49,7 +49,9 @@ for name in $MODELS; do
   if has prepare; then
     [ -f "$P" ] || run $B calibrate -m "$M" -t 2 -o "$P" > "$D/calibrate.txt"
     for q in $QUANTS; do
-      [ -f "$D/$name-$q.gguf" ] || run $B quantize "$M" "$D/$name-$q.gguf" --type "$q" 2>/dev/null
+      # (stderr kept in a log: the requantization warning and the fallback summary)
+      [ -f "$D/$name-$q.gguf" ] || run $B quantize "$M" "$D/$name-$q.gguf" --type "$q" \
+          2> "$D/quantize-$q.log" || { cat "$D/quantize-$q.log" >&2; exit 1; }
     done
   fi
   if has speed; then
@@ -71,7 +73,7 @@ for name in $MODELS; do
           --limit "$ppl" --kld-reference "$ref" --out "$D/eval" --json > "$D/ppl-$q.json"
     done
     if [[ $name == qwen* ]]; then
-      run $B eval -m "$M" --task code --skip "none,auto:0.1,auto:0.25,adaptive:0.1,adaptive:0.25" \
+      run $B eval -m "$M" --task code --skip "none,auto:0.1,auto:0.25,adaptive:0.25" \
           --skip-profile "$P" --limit "$CODE" --out "$D/eval" --json > "$D/code.json"
     fi
   fi

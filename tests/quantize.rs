@@ -194,6 +194,15 @@ fn output_is_byte_identical_to_llama_cpp_quantizer() {
     compare_with_llama_cpp(&default_model(), &Target::ALL, "qbytes");
 }
 
+/// qwen2 (Qwen2.5-Coder-0.5B: tied embeddings, Q/K/V biases, n_embd 896 = 3.5 × 256 so the
+/// K-quants fall back on some rows): the same bytes as llama.cpp's quantizer.
+#[test]
+fn qwen2_output_is_byte_identical_to_llama_cpp_quantizer() {
+    let q = common::catalogue_model("qwen2.5-coder-0.5b");
+    let targets = ["q8_0", "q4_k", "q4_0"].map(|t| Target::parse(t).unwrap());
+    compare_with_llama_cpp(&q, &targets, "qbytes-qwen2");
+}
+
 #[test]
 fn f32_source_with_f16_fallback_is_byte_identical_to_llama_cpp_quantizer() {
     let Some(shared) = common::shared("f32_source_with_f16_fallback") else {
@@ -443,7 +452,7 @@ fn bad_input_is_refused_naming_file_tensor_and_expectation() {
     assert_eq!(
         format!("{err:#}"),
         format!(
-            "{}: general.architecture is 'gpt2'; ffnskip quantize mirrors llama.cpp's type rules for 'llama' models only",
+            "{}: general.architecture is 'gpt2'; ffnskip quantize mirrors llama.cpp's type rules for 'llama' and 'qwen2' models only",
             gpt2.0.display()
         )
     );

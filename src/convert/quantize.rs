@@ -415,24 +415,26 @@ impl Plan {
     pub fn new(file: &GgufFile, target: Target) -> Result<Plan> {
         let path = file.path().display();
         let arch = file.str("general.architecture")?;
-        if arch != "llama" {
+        // llama.cpp's type rules have no special case for either architecture (qwen2's
+        // Q/K/V biases are 1-D and never quantized).
+        if arch != "llama" && arch != "qwen2" {
             bail!(
                 "{path}: general.architecture is '{arch}'; ffnskip quantize mirrors llama.cpp's \
-                 type rules for 'llama' models only"
+                 type rules for 'llama' and 'qwen2' models only"
             );
         }
-        if let Some(n) = file.opt_u64("llama.expert_count")? {
+        if let Some(n) = file.opt_u64(&format!("{arch}.expert_count"))? {
             if n > 1 {
                 bail!(
-                    "{path}: llama.expert_count = {n}: mixture-of-experts models are not \
+                    "{path}: {arch}.expert_count = {n}: mixture-of-experts models are not \
                      supported by ffnskip quantize"
                 );
             }
         }
-        let n_layer = file.usize_in("llama.block_count", 1..=4096)? as i64;
+        let n_layer = file.usize_in(&format!("{arch}.block_count"), 1..=4096)? as i64;
         let is_70b = n_layer == 80 && {
-            let n_head = file.u64("llama.attention.head_count")?;
-            let n_head_kv = file.opt_u64("llama.attention.head_count_kv")?;
+            let n_head = file.u64(&format!("{arch}.attention.head_count"))?;
+            let n_head_kv = file.opt_u64(&format!("{arch}.attention.head_count_kv"))?;
             n_head_kv.unwrap_or(n_head) != n_head
         };
 
