@@ -106,8 +106,8 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     let threads = a.model.threads();
     eprintln!(
         "calibrating {} on {source} with {threads} threads: similarities, compensation fits, \
-         each layer's damage (over {} tokens), then the KL divergence curve (adaptive and \
-         auto at {} ratios, over the first {} tokens)…",
+         each layer's damage (over {} tokens), then the KL divergence curve (adaptive, \
+         adaptive+lowrank and placed+lowrank at {} ratios, over the first {} tokens)…",
         path.display(),
         crate::measure::calibrate::DAMAGE_TOKENS.min(ids.len()),
         crate::measure::calibrate::KLD_RATIOS.len(),
@@ -201,7 +201,7 @@ pub fn table(p: &crate::skip::Profile) -> String {
         let _ = writeln!(
             s,
             "KL divergence to the full model (teacher-forced, warm-up 0; --max-kld picks from it;\n\
-             adaptive+lowrank is what --skip auto runs):"
+             --skip auto runs the lower of the +lowrank rules at each ratio):"
         );
         for k in &p.kld_curve {
             let _ = writeln!(

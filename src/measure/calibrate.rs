@@ -23,11 +23,12 @@ pub const KLD_RATIOS: [f64; 7] = [0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35];
 pub const KLD_TOKENS: usize = 512;
 /// Calibration tokens teacher-forced per layer to measure its damage (`Profile::ffn_damage`).
 pub const DAMAGE_TOKENS: usize = 256;
-/// The (policy, compensation) series of the KL divergence curve: the paper's rule and the
-/// recommended one (`auto`).
-pub const KLD_SERIES: [(Policy, Compensation); 2] = [
+/// The (policy, compensation) series of the KL divergence curve: the paper's rule and the two
+/// `auto` chooses between.
+pub const KLD_SERIES: [(Policy, Compensation); 3] = [
     (Policy::Adaptive, Compensation::None),
     (Policy::Adaptive, Compensation::Lowrank),
+    (Policy::Placed, Compensation::Lowrank),
 ];
 
 /// Records both cosines for every row of every forward call (full model).

@@ -31,8 +31,9 @@ pub enum Policy {
     /// FFN-SkipLLM's greedy run with a per-layer threshold: a layer's calibrated median
     /// cos(h, h+ffn) instead of one global threshold.
     AdaptiveLayer,
-    /// The recommended rule (`best` is the same): FFN-SkipLLM's adaptive rule with the
-    /// low-rank compensation, its ratio from `--max-kld` when given (docs/RESULTS.md).
+    /// The recommended rule (`best` is the same): the low-rank compensation with FFN-SkipLLM's
+    /// adaptive rule or `placed`, whichever the profile's KLD curve measured lower at the
+    /// ratio; with `--max-kld` the largest ratio of either within budget (docs/RESULTS.md).
     #[value(alias = "best")]
     Auto,
 }
@@ -273,8 +274,10 @@ impl SkipParams {
         if opts.policy == Policy::None {
             return Ok(SkipParams::none(n_layer));
         }
-        // `auto`: the recommended rule, adaptive with the low-rank compensation.
-        let (policy, mut compensate) = match opts.policy {
+        // `auto`: the recommended rule, the low-rank compensation with whichever of `adaptive`
+        // and `placed` the profile's KLD curve measured lower (adaptive without a curve).
+        let auto = opts.policy == Policy::Auto;
+        let (mut policy, mut compensate) = match opts.policy {
             Policy::Auto => {
                 if !profile.is_some_and(|(p, _)| p.has(Compensation::Lowrank)) {
                     return Err(ParamsError::NeedsProfile(Policy::Auto));
@@ -287,26 +290,57 @@ impl SkipParams {
             }
             p => (p, opts.compensate),
         };
-        // A quality budget picks the ratio and compensation from the profile's KLD curve.
+        // The curve points a choice may read: for `auto`, the low-rank series of both rules.
+        let asked = policy;
+        let eligible = |k: &KldPoint, p: &Profile| {
+            p.has(k.compensation)
+                && if auto {
+                    k.compensation == Compensation::Lowrank
+                        && (k.policy == Policy::Adaptive
+                            || (k.policy == Policy::Placed && !p.ffn_damage.is_empty()))
+                } else {
+                    k.policy == asked
+                }
+        };
         let mut budget_note = None;
         let mut ratio = opts.ratio.unwrap_or(DEFAULT_RATIO);
+        if let (true, None, Some((p, _))) = (auto, opts.max_kld, profile) {
+            let nearest = p
+                .kld_curve
+                .iter()
+                .filter(|k| eligible(k, p))
+                .map(|k| (k.ratio - ratio).abs())
+                .min_by(f64::total_cmp);
+            let best = nearest.and_then(|d| {
+                p.kld_curve
+                    .iter()
+                    .filter(|k| eligible(k, p) && (k.ratio - ratio).abs() == d)
+                    .min_by(|a, b| a.kld_mean.total_cmp(&b.kld_mean))
+            });
+            if let Some(k) = best {
+                policy = k.policy;
+                budget_note = Some(format!(
+                    "; auto: {}+lowrank, the rule with the lower calibrated KLD at {}% ({:.4})",
+                    k.policy.name(),
+                    k.ratio * 100.0,
+                    k.kld_mean
+                ));
+            }
+        }
+        // A quality budget picks the ratio and compensation from the profile's KLD curve.
         if let Some(x) = opts.max_kld {
             if !(x.is_finite() && x >= 0.0) {
                 return Err(ParamsError::MaxKldInvalid(x));
             }
-            let (curve, p) = match profile {
-                Some((p, _)) if p.kld_curve.iter().any(|k| k.policy == policy) => (&p.kld_curve, p),
-                _ => return Err(ParamsError::NeedsKldCurve(policy)),
+            let p = match profile {
+                Some((p, _)) if p.kld_curve.iter().any(|k| eligible(k, p)) => p,
+                _ => return Err(ParamsError::NeedsKldCurve(opts.policy)),
             };
             // The largest ratio within budget; at equal ratio the lower KLD.
-            // `auto` reads its own series (adaptive+lowrank); otherwise any compensation.
-            let series = |k: &&KldPoint| {
-                opts.policy != Policy::Auto || k.compensation == Compensation::Lowrank
-            };
-            let best = curve
+            let best = p
+                .kld_curve
                 .iter()
-                .filter(series)
-                .filter(|k| k.policy == policy && k.kld_mean <= x && p.has(k.compensation))
+                .filter(|k| eligible(k, p) && k.kld_mean <= x)
                 .max_by(|a, b| {
                     a.ratio
                         .total_cmp(&b.ratio)
@@ -316,10 +350,12 @@ impl SkipParams {
                 Some(k) => {
                     ratio = k.ratio;
                     compensate = k.compensation;
+                    policy = k.policy;
                     budget_note = Some(format!(
-                        "; --max-kld {x}: ratio {}{} (calibrated KLD {:.4})",
-                        k.ratio,
+                        "; --max-kld {x}: {}{} at ratio {} (calibrated KLD {:.4})",
+                        k.policy.name(),
                         k.compensation.suffix(),
+                        k.ratio,
                         k.kld_mean
                     ));
                 }
