@@ -14,8 +14,10 @@ W=${1:-target/frontier}
   echo "on this machine runs move by ±10–20%, so compare rows of one table, not across tables."
   echo "KLD is KL(distributed file's full model ‖ row), nats per token, teacher-forced on"
   echo "wikitext-2 test windows of 512 tokens; \`none\` of a requantized file is what that"
-  echo "quantization alone costs. \`auto\` is the recommended rule: FFN-SkipLLM's adaptive rule"
-  echo "with the low-rank compensation. The in-depth tables for the default model (FreebaseQA,"
+  echo "quantization alone costs. \`auto\` is the recommended rule (the low-rank compensation with"
+  echo "the adaptive rule or \`placed\`, by the profile's KLD curve; see the Reading for how the"
+  echo "rows below ran). FFN skip and bytes skipped are the teacher-forced figures of the KLD"
+  echo "windows. The in-depth tables for the default model (FreebaseQA,"
   echo "MT-Bench agreement, CNN/DM) are in [RESULTS-default.md](RESULTS-default.md)."
   echo
   for name in smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do
