@@ -22,6 +22,7 @@ pub mod measure;
 pub mod model;
 pub mod outfile;
 pub mod peer;
+pub mod prompt_cache;
 pub mod sampling;
 pub mod session;
 pub mod skip;

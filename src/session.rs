@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::model::{Batch, ForwardError, KvCache, Llama, Logits, Scratch};
+use crate::prompt_cache::{PromptCache, PromptEntry};
 use crate::sampling::Sampler;
 use crate::skip::{Controller, NoSkip};
 use crate::team::Team;
@@ -73,6 +74,8 @@ pub struct Session<'m, H: Controller = NoSkip> {
     /// Tokens whose keys and values are in the cache, in order.
     history: Vec<u32>,
     pub timings: Timings,
+    /// Whole prompts fed to an empty cache, when the controller leaves prompts in full.
+    prompt_cache: Option<PromptCache>,
 }
 
 impl<'m> Session<'m, NoSkip> {
@@ -100,7 +103,23 @@ impl<'m, H: Controller> Session<'m, H> {
             controller,
             history: Vec::new(),
             timings: Timings::default(),
+            prompt_cache: None,
         })
+    }
+
+    /// Serve prompts fed to an empty cache from `cache` when it holds them, and keep new
+    /// ones there (see [`crate::prompt_cache`]). Unused when the controller's prompt rows are
+    /// not the full model's.
+    pub fn with_prompt_cache(mut self, mut cache: PromptCache) -> Self {
+        // Batches of another size or exactness give other bits.
+        cache.bind((self.scratch.max_batch(), self.scratch.batch_exact));
+        self.prompt_cache = Some(cache);
+        self
+    }
+
+    /// Hands the prompt cache back (for the next session of the same model and config).
+    pub fn take_prompt_cache(&mut self) -> Option<PromptCache> {
+        self.prompt_cache.take()
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -177,6 +196,11 @@ impl<'m, H: Controller> Session<'m, H> {
         if tokens.is_empty() {
             return Err(ForwardError::Empty);
         }
+        let cacheable = self.history.is_empty() && self.controller.prompt_is_full();
+        if cacheable && self.restore_prompt(tokens) {
+            progress(tokens.len(), tokens.len());
+            return Ok(self.scratch_logits());
+        }
         let start = Instant::now();
         let n = self.scratch.max_batch();
         let chunks = tokens.len().div_ceil(n);
@@ -191,7 +215,37 @@ impl<'m, H: Controller> Session<'m, H> {
         }
         self.timings.prefill += start.elapsed();
         self.timings.prefill_tokens += tokens.len();
+        if cacheable {
+            if let Some(c) = &mut self.prompt_cache {
+                let entry = PromptEntry {
+                    kv: self.cache.prefix(tokens.len()),
+                    logits: self.scratch.last_logits().to_vec(),
+                };
+                c.insert(tokens, entry);
+            }
+        }
         Ok(self.scratch_logits())
+    }
+
+    /// Restores `tokens` from the prompt cache into the (empty) KV cache, telling the
+    /// controller about the prompt rows as a prefill would; false when it is not there.
+    fn restore_prompt(&mut self, tokens: &[u32]) -> bool {
+        let Some(c) = &mut self.prompt_cache else {
+            return false;
+        };
+        let Some(e) = c.get(tokens) else {
+            return false;
+        };
+        if self.cache.restore(&e.kv).is_none() || e.logits.len() != self.model.config.n_vocab {
+            return false;
+        }
+        self.scratch.set_last_logits(&e.logits);
+        c.reused_tokens += tokens.len();
+        let positions: Vec<usize> = (0..tokens.len()).collect();
+        self.controller.begin(&positions, true);
+        self.controller.end();
+        self.history.extend_from_slice(tokens);
+        true
     }
 
     /// Feeds one generated token; returns its logits.

@@ -72,8 +72,19 @@ fn every_task_runs_on_stories260k_and_resumes() {
     let ev = Evaluator::new(&gguf.0, &file, &model, config(&shared, &out, 2)).unwrap();
     let mut reports = Vec::new();
     for task in Task::ALL {
-        let r = ev.run(task, &mut |_| {}).unwrap();
+        let mut log = Vec::new();
+        let r = ev.run(task, &mut |l| log.push(l.to_string())).unwrap();
         assert_eq!(r.results.len(), 3, "{task:?}");
+        // Both skip policies restore the prompts the full model prefilled (eval cost).
+        for (i, l) in log.iter().enumerate() {
+            if l.contains(":0.4: 2 items") {
+                assert!(
+                    log.get(i + 1).is_some_and(|r| r
+                        .ends_with("prompt tokens restored from the full model's prefill (2 prompts, 0 MiB kept)")),
+                    "{task:?}: {log:?}"
+                );
+            }
+        }
         assert_eq!(r.results[0].policy, "none");
         assert_eq!(r.results[0].ffn_skip_ratio, 0.0);
         // Threshold −1 with cold 1 + 1 of 5 layers: every counted token skips 2 of 5 FFNs.

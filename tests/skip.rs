@@ -422,6 +422,91 @@ fn batched_equals_sequential_under_every_policy() {
     }
 }
 
+/// Eval cost (issue 13, item 6): a prompt prefilled once under the full model and restored for
+/// another policy decodes exactly as prefilling it under that policy does: same decisions,
+/// same statistics, same logits. ShortGPT removes layers from the prompt, so it never reuses.
+#[test]
+fn a_restored_full_model_prompt_decodes_as_its_own_prefill_under_every_policy() {
+    use ffnskip::prompt_cache::PromptCache;
+    let file = GgufFile::open(default_model()).unwrap();
+    let model = Llama::load(&file).unwrap();
+    let ids = prompt(&file);
+    let profile = test_profile(30);
+    let exact = SessionConfig {
+        exact_batches: true,
+        ..config()
+    };
+    let mut full = Session::new(&model, exact)
+        .unwrap()
+        .with_prompt_cache(PromptCache::new(1 << 30));
+    let (cont, _) = greedy(&mut full, &ids, 20);
+    let mut cache = full.take_prompt_cache().unwrap();
+    assert_eq!((cache.len(), cache.reused_tokens), (1, 0));
+    let cases = Policy::ALL.iter().map(|&p| (p, Compensation::None)).chain([
+        (Policy::Adaptive, Compensation::Lowrank),
+        (Policy::Placed, Compensation::Lowrank),
+    ]);
+    for (policy, compensate) in cases {
+        let o = SkipOptions {
+            warmup: Some(3),
+            seed: 3,
+            compensate,
+            ..opts(policy, 0.3)
+        };
+        let label = format!("{policy:?}{}", compensate.suffix());
+        let run = |s: &mut Session<'_, SkipController>| {
+            let first = s.prefill(&ids).unwrap().to_vec();
+            let mut logits = vec![first];
+            for &t in &cont {
+                logits.push(s.decode(t).unwrap().to_vec());
+            }
+            logits
+        };
+        let mut own =
+            Session::with_controller(&model, exact, controller(&model, &o, Some(&profile)))
+                .unwrap();
+        let own_logits = run(&mut own);
+        let before = cache.reused_tokens;
+        let mut reused =
+            Session::with_controller(&model, exact, controller(&model, &o, Some(&profile)))
+                .unwrap()
+                .with_prompt_cache(cache);
+        let reused_logits = run(&mut reused);
+        cache = reused.take_prompt_cache().unwrap();
+        let restored = cache.reused_tokens - before;
+        assert_eq!(
+            restored,
+            if policy == Policy::Shortgpt {
+                0
+            } else {
+                ids.len()
+            },
+            "{label}: prompt tokens restored"
+        );
+        assert_eq!(reused.history(), own.history(), "{label}");
+        assert_eq!(
+            reused.controller.stats.decisions, own.controller.stats.decisions,
+            "{label}"
+        );
+        assert_eq!(
+            reused.controller.stats.skipped_ffn, own.controller.stats.skipped_ffn,
+            "{label}"
+        );
+        assert!(
+            reused_logits == own_logits,
+            "{label}: logits after a restored prompt differ (max |Δ| {})",
+            common::max_abs_diff(&reused_logits.concat(), &own_logits.concat())
+        );
+    }
+    // A cache bound to another batch shape starts empty: its bits could differ.
+    let other = Session::new(&model, config())
+        .unwrap()
+        .with_prompt_cache(cache)
+        .take_prompt_cache()
+        .unwrap();
+    assert!(other.is_empty());
+}
+
 #[test]
 fn early_exit_and_shortgpt_follow_their_plans() {
     let file = GgufFile::open(default_model()).unwrap();

@@ -16,6 +16,7 @@ use super::metrics;
 use crate::chat::{ChatTemplate, Message};
 use crate::gguf::GgufFile;
 use crate::model::Llama;
+use crate::prompt_cache::PromptCache;
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::session::{generate, GenerateOptions, Session, SessionConfig};
 use crate::skip::compensation::Compensation;
@@ -66,6 +67,10 @@ impl Task {
 
 /// The FreebaseQA prompt (user turn of the chat template; `Question: …\nAnswer:` as a raw
 /// prompt for models without a template). Fixed so that results are comparable.
+/// Memory for prompts prefilled once and restored for every other policy (eval cost; prompts
+/// always run in full). 2 GiB holds ~75k positions of Qwen2.5-Coder-1.5B's f16 cache.
+const PROMPT_CACHE_BYTES: usize = 2 << 30;
+
 pub const FREEBASEQA_PROMPT: &str =
     "Answer the following question with just the answer, in a few words.\nQuestion: {question}";
 /// The summarization prompt (user turn), after LLM-KICK's CNN/DM setup.
@@ -353,6 +358,7 @@ impl<'m> Evaluator<'m> {
             _ => false,
         };
         let mut results = Vec::new();
+        let mut prompts = Some(PromptCache::new(PROMPT_CACHE_BYTES));
         for spec in self.specs() {
             let path = dir.join(format!("{}.jsonl", spec.label().replace(':', "-")));
             let mut inputs: Vec<(&str, &Path)> = vec![("-m/--model", &self.path)];
@@ -394,6 +400,9 @@ impl<'m> Evaluator<'m> {
                 };
                 let mut session =
                     Session::with_controller(self.model, config, self.controller(&spec)?)?;
+                if let Some(c) = prompts.take() {
+                    session = session.with_prompt_cache(c);
+                }
                 // The whole file is rewritten atomically after each item: an interruption
                 // leaves every finished item and no cut line.
                 let mut jsonl = String::new();
@@ -421,6 +430,18 @@ impl<'m> Evaluator<'m> {
                     bar.inc(1);
                 }
                 bar.finish_and_clear();
+                prompts = session.take_prompt_cache();
+                if let Some(c) = &mut prompts {
+                    if c.reused_tokens > 0 {
+                        progress(&format!(
+                            "  {} prompt tokens restored from the full model's prefill ({} prompts, {} MiB kept)",
+                            c.reused_tokens,
+                            c.len(),
+                            c.bytes() >> 20
+                        ));
+                        c.reused_tokens = 0;
+                    }
+                }
             }
             // Aggregate in item order (records of items outside this run's slice are ignored).
             let recs: Vec<&ItemRecord> = items.iter().filter_map(|i| done.get(&i.id())).collect();

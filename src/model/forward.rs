@@ -166,6 +166,12 @@ impl Scratch {
     pub fn last_logits(&self) -> &[f32] {
         &self.logits
     }
+
+    /// Sets the last row's logits, as a restored prompt left them (`[n_vocab]`).
+    pub fn set_last_logits(&mut self, logits: &[f32]) {
+        self.logits.clear();
+        self.logits.extend_from_slice(logits);
+    }
 }
 
 /// Fewest token rows per parallel task in the per-row steps (norms, RoPE).

@@ -65,6 +65,37 @@ impl KvCache {
         }
     }
 
+    /// A copy of positions `0..n` (`n ≤ len`) of every layer and head.
+    pub fn prefix(&self, n: usize) -> KvPrefix {
+        let n = n.min(self.len);
+        let (hd, heads) = (self.head_dim, self.n_layer * self.n_head_kv);
+        let mut k = Vec::with_capacity(heads * n * hd);
+        let mut v = Vec::with_capacity(heads * n * hd);
+        for head in 0..heads {
+            let base = head * self.n_ctx * hd;
+            k.extend_from_slice(&self.k[base..base + n * hd]);
+            v.extend_from_slice(&self.v[base..base + n * hd]);
+        }
+        KvPrefix { len: n, k, v }
+    }
+
+    /// Replaces the cache's contents with `p` (from a cache of the same model and at least
+    /// `p.len` positions); `None` when it does not fit.
+    pub fn restore(&mut self, p: &KvPrefix) -> Option<()> {
+        let (hd, heads) = (self.head_dim, self.n_layer * self.n_head_kv);
+        let n = p.len;
+        if n > self.n_ctx || p.k.len() != heads * n * hd || p.v.len() != p.k.len() {
+            return None;
+        }
+        for head in 0..heads {
+            let (dst, src) = (head * self.n_ctx * hd, head * n * hd);
+            self.k[dst..dst + n * hd].copy_from_slice(&p.k[src..src + n * hd]);
+            self.v[dst..dst + n * hd].copy_from_slice(&p.v[src..src + n * hd]);
+        }
+        self.len = n;
+        Some(())
+    }
+
     /// Keys of positions `0..n` for one KV head: `[n, head_dim]`.
     pub fn keys(&self, layer: usize, kvh: usize, n: usize) -> &[f16] {
         let base = self.head_base(layer, kvh);
@@ -75,5 +106,20 @@ impl KvCache {
     pub fn values(&self, layer: usize, kvh: usize, n: usize) -> &[f16] {
         let base = self.head_base(layer, kvh);
         &self.v[base..base + n * self.head_dim]
+    }
+}
+
+/// Positions `0..len` of a [`KvCache`]: `[n_layer][n_head_kv][len][head_dim]` f16, keys and
+/// values alike.
+#[derive(Clone, Debug)]
+pub struct KvPrefix {
+    pub len: usize,
+    k: Vec<f16>,
+    v: Vec<f16>,
+}
+
+impl KvPrefix {
+    pub fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * 2
     }
 }

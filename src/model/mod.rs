@@ -10,7 +10,7 @@ mod weights;
 
 pub use config::{Arch, LlamaConfig, RopeMode, RopeScaling};
 pub use forward::{Batch, ForwardError, Logits, Scratch, StageTimes};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvPrefix};
 pub use weights::{LayerWeights, Weights};
 
 use crate::gguf::{GgufFile, Result};

@@ -260,6 +260,11 @@ impl Controller for SkipController {
         }
     }
 
+    fn prompt_is_full(&self) -> bool {
+        // ShortGPT removes its layers from prompt rows too; no other policy touches them.
+        !self.removed.contains(&true)
+    }
+
     fn end(&mut self) {
         let n = self.params.n_layer;
         for (i, r) in self.rows.iter().enumerate() {

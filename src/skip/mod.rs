@@ -82,13 +82,24 @@ pub trait Controller: Send {
 
     /// End of the forward call (after the last layer, before the head).
     fn end(&mut self) {}
+
+    /// Whether prompt rows compute exactly what the full model computes and nothing is
+    /// observed of them but [`Controller::begin`] and [`Controller::end`], so a prompt's
+    /// cached keys, values and logits can stand in for running it. `false` by default.
+    fn prompt_is_full(&self) -> bool {
+        false
+    }
 }
 
 /// The full model: every FFN runs.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoSkip;
 
-impl Controller for NoSkip {}
+impl Controller for NoSkip {
+    fn prompt_is_full(&self) -> bool {
+        true
+    }
+}
 
 /// Cosine similarity over the embedding dimension (FFN-SkipLLM's criterion, paper §3), summed
 /// in f64. 0 when either vector is zero.
