@@ -75,7 +75,7 @@ for name in $MODELS; do
           --limit "$ppl" --kld-reference "$ref" --out "$D/eval" --json > "$D/ppl-$q.json"
     done
     if [[ $name == qwen* ]]; then
-      run $B eval -m "$M" --task code --skip "none,auto:0.1,auto:0.25,adaptive:0.25" \
+      run $B eval -m "$M" --task code --skip "none,auto:0.1,auto:0.25,adaptive:0.25,placed+lowrank:0.25" \
           --skip-profile "$P" --limit "$CODE" --out "$D/eval" --json > "$D/code.json"
     fi
   fi
