@@ -24,6 +24,7 @@ pub mod outfile;
 pub mod peer;
 pub mod prompt_cache;
 pub mod sampling;
+pub mod serve;
 pub mod session;
 pub mod skip;
 pub mod skip_setup;

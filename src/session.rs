@@ -311,7 +311,7 @@ pub fn context_bytes(model: &Llama, config: &SessionConfig) -> Option<u64> {
 }
 
 /// `MemAvailable` of `/proc/meminfo` in bytes, where there is one.
-fn available_memory() -> Option<u64> {
+pub(crate) fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -418,18 +418,18 @@ impl Generation {
 }
 
 /// Holds back generated text that could be the start of a stop string.
-struct StopMatcher<'a> {
-    stop: &'a [String],
+pub(crate) struct StopMatcher {
+    stop: Vec<String>,
     /// Everything generated so far.
-    text: String,
+    pub(crate) text: String,
     /// Bytes of `text` already released.
     released: usize,
 }
 
-impl<'a> StopMatcher<'a> {
-    fn new(stop: &'a [String]) -> Self {
+impl StopMatcher {
+    pub(crate) fn new(stop: &[String]) -> Self {
         StopMatcher {
-            stop,
+            stop: stop.to_vec(),
             text: String::new(),
             released: 0,
         }
@@ -437,7 +437,7 @@ impl<'a> StopMatcher<'a> {
 
     /// Appends `piece`; returns the text that can be released and whether a stop string
     /// was found (the text then ends before it).
-    fn push(&mut self, piece: &str) -> (&str, bool) {
+    pub(crate) fn push(&mut self, piece: &str) -> (&str, bool) {
         let from = self.released;
         self.text.push_str(piece);
         let longest = self.stop.iter().map(String::len).max().unwrap_or(0);
@@ -473,7 +473,7 @@ impl<'a> StopMatcher<'a> {
     }
 
     /// Releases what is held back (generation ended for another reason).
-    fn finish(&mut self) -> &str {
+    pub(crate) fn finish(&mut self) -> &str {
         let from = self.released;
         self.released = self.text.len();
         &self.text[from..]

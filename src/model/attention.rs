@@ -40,8 +40,8 @@ pub struct AttnScratch {
     /// Keys of the KV head last used, widened to f32 and transposed: `[head_dim, stride]`,
     /// `stride` = positions rounded up to `QK_BLOCK` (scores past a row's position are unused).
     keys_t: Vec<f32>,
-    /// The KV head whose keys `keys_t` holds.
-    loaded: Option<usize>,
+    /// The (sequence, KV head) whose keys `keys_t` holds.
+    loaded: Option<(usize, usize)>,
     /// Raw q·k of up to `FAST_ROWS` (head, row) items `[FAST_ROWS, n_ctx rounded up to
     /// QK_BLOCK]` (softmax weights in place on the fast path).
     scores: Vec<f32>,
@@ -49,8 +49,8 @@ pub struct AttnScratch {
     acc: Vec<f16>,
     /// Values of the KV head last used, widened to f32 `[positions, head_dim]` (fast path).
     values_f32: Vec<f32>,
-    /// The KV head whose values `values_f32` holds.
-    values_loaded: Option<usize>,
+    /// The (sequence, KV head) whose values `values_f32` holds.
+    values_loaded: Option<(usize, usize)>,
 }
 
 impl AttnScratch {
@@ -262,20 +262,24 @@ fn fma(a: f32, b: f32, c: f32) -> f32 {
 pub(super) struct Queries<'a> {
     /// `[B, n_embd]`, after RoPE.
     pub q: &'a [f32],
-    /// Each row's position, ascending; its key and value are already in the cache.
+    /// Each row's position; its key and value are already in its sequence's cache.
     pub positions: &'a [usize],
+    /// Each row's sequence (index of its cache); a sequence's rows are consecutive, ascending.
+    pub seqs: &'a [usize],
+    /// Each row's sequence's cached length (its last row's position + 1).
+    pub ends: &'a [usize],
     /// Take ggml's one-token path even for a batch (see the module comment).
     pub exact: bool,
 }
 
 impl Llama<'_> {
-    /// Causal attention of the query rows over layer `l`'s cache, into `out`
-    /// (`[n_head, B, head_dim]`). Work items are (head, row) pairs split across threads in
-    /// contiguous ranges of equal cost (∝ attended positions).
+    /// Causal attention of the query rows over layer `l` of their sequences' caches, into
+    /// `out` (`[n_head, B, head_dim]`). Work items are (head, row) pairs split across threads
+    /// in contiguous ranges of equal cost (∝ attended positions).
     pub(super) fn attention(
         &self,
         l: usize,
-        cache: &KvCache,
+        caches: &[KvCache],
         rows: Queries,
         out: &mut [f32],
         scratch: &mut [AttnScratch],
@@ -283,6 +287,8 @@ impl Llama<'_> {
         let Queries {
             q,
             positions,
+            seqs,
+            ends,
             exact,
         } = rows;
         let c = &self.config;
@@ -325,27 +331,34 @@ impl Llama<'_> {
             bounds[t] = items;
             t += 1;
         }
-        let n_total = positions[b - 1] + 1;
-        let stride = n_total.next_multiple_of(QK_BLOCK);
+        let n_max_all = ends.iter().copied().max().unwrap_or(0);
+        let stride = n_max_all.next_multiple_of(QK_BLOCK);
         let padded = scratch[0].scores.len() / FAST_ROWS;
         let run = |lo: usize, hi: usize, chunk: &mut [f32], sc: &mut AttnScratch| {
             sc.loaded = None;
             sc.values_loaded = None;
-            // Consecutive items of one head (rows in order) in groups: their scores one by one,
-            // then their softmax chains interleaved (exact) or one f32 softmax pass (fast).
+            // Consecutive items of one head and sequence (rows in order) in groups: their
+            // scores one by one, then their softmax chains interleaved (exact) or one f32
+            // softmax pass (fast).
             let mut g0 = lo;
             while g0 < hi {
                 let h = g0 / b;
-                let g1 = hi.min((h + 1) * b).min(g0 + per_group);
+                let seq = seqs[g0 % b];
+                let mut g1 = hi.min((h + 1) * b).min(g0 + per_group);
+                if let Some(n) = (g0 + 1..g1).position(|i| seqs[i % b] != seq) {
+                    g1 = g0 + 1 + n;
+                }
                 let kvh = h / group;
+                let cache = &caches[seq];
+                let n_total = ends[g0 % b];
                 let keys = cache.keys(l, kvh, n_total);
-                if order != DotOrder::Call && sc.loaded != Some(kvh) {
+                if order != DotOrder::Call && sc.loaded != Some((seq, kvh)) {
                     for (p, kp) in keys.chunks_exact(hd).enumerate() {
                         for (dd, &k) in kp.iter().enumerate() {
                             sc.keys_t[dd * stride + p] = k.to_f32();
                         }
                     }
-                    sc.loaded = Some(kvh);
+                    sc.loaded = Some((seq, kvh));
                 }
                 let fast_scores = !exact && order != DotOrder::Call;
                 for (j, item) in (g0..g1).enumerate() {
@@ -390,11 +403,11 @@ impl Llama<'_> {
                 let values = cache.values(l, kvh, n_max);
                 let o = &mut chunk[(g0 - lo) * hd..(g1 - lo) * hd];
                 if !exact {
-                    if sc.values_loaded != Some(kvh) {
+                    if sc.values_loaded != Some((seq, kvh)) {
                         use half::slice::HalfFloatSliceExt;
                         let all = cache.values(l, kvh, n_total);
                         all.convert_to_f32_slice(&mut sc.values_f32[..all.len()]);
-                        sc.values_loaded = Some(kvh);
+                        sc.values_loaded = Some((seq, kvh));
                     }
                     let w = &mut sc.scores[..rows * padded];
                     let v = &sc.values_f32[..n_max * hd];

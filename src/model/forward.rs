@@ -57,6 +57,12 @@ pub enum ForwardError {
     BatchTooLarge { found: usize, max: usize },
     #[error("empty batch")]
     Empty,
+    #[error("a batch of {rows} rows came with {seqs} sequence ids")]
+    SeqRows { rows: usize, seqs: usize },
+    #[error("sequence {seq} does not exist ({n_seq} caches)")]
+    NoSequence { seq: usize, n_seq: usize },
+    #[error("the rows of sequence {seq} are not consecutive in the batch")]
+    SeqNotContiguous { seq: usize },
 }
 
 /// One forward call's input.
@@ -75,6 +81,10 @@ pub struct Scratch {
     max_batch: usize,
     /// Absolute position of each row of the batch `[B]`.
     positions: Vec<usize>,
+    /// Each row's sequence (its KV cache) `[B]`.
+    seqs: Vec<usize>,
+    /// Positions each row attends over (its sequence's cached length after this call) `[B]`.
+    ends: Vec<usize>,
     /// Residual stream `[B, n_embd]`: inpL, then ffn_inp, then l_out (the next layer's inpL).
     x: Vec<f32>,
     /// Normed rows `[B, n_embd]` (attn_norm, ffn_norm, result_norm), reused for the SwiGLU
@@ -107,6 +117,9 @@ pub struct Scratch {
     /// Rows that have not exited `[≤ B]`, and their positions `[≤ B]`.
     active: Vec<usize>,
     act_pos: Vec<usize>,
+    /// The active rows' sequences and attended lengths `[≤ B]`.
+    act_seq: Vec<usize>,
+    act_end: Vec<usize>,
     /// RoPE (cos, sin) pairs per row `[B, rope_dim / 2, 2]`.
     rope_cs: Vec<f32>,
     /// One per attention worker (≤ `MAX_SPLITS`), each sized for `n_ctx` positions.
@@ -133,6 +146,8 @@ impl Scratch {
         Scratch {
             max_batch: b,
             positions: Vec::with_capacity(b),
+            seqs: Vec::with_capacity(b),
+            ends: Vec::with_capacity(b),
             x: vec![0.0; b * c.n_embd],
             xn: vec![0.0; b * wide],
             acts: [act.clone(), act.clone(), act],
@@ -147,6 +162,8 @@ impl Scratch {
             ffn_rows: Vec::with_capacity(b),
             active: Vec::with_capacity(b),
             act_pos: Vec::with_capacity(b),
+            act_seq: Vec::with_capacity(b),
+            act_end: Vec::with_capacity(b),
             rope_cs: vec![0.0; b * c.rope_dim],
             attn: (0..MAX_SPLITS.min(crate::team::current_threads().max(1) * 2))
                 .map(|_| AttnScratch::new(c.head_dim, n_ctx))
@@ -236,11 +253,52 @@ impl Llama<'_> {
         batch: &Batch,
         controller: &mut C,
     ) -> Result<&'s [f32], ForwardError> {
-        self.check(cache, s, batch.tokens)?;
-        let pos0 = cache.len;
+        self.forward_seqs(std::slice::from_mut(cache), &[], s, batch, controller)
+    }
+
+    /// [`Llama::forward`] over several sequences, each with its own cache: row `i` belongs to
+    /// sequence `seqs[i]` (empty: every row to sequence 0), whose rows are consecutive and
+    /// continue at `caches[seq].len ..`. A row sees only its own sequence's keys and values,
+    /// so with exact batches each row gets the bits it would get alone (continuous batching).
+    pub fn forward_seqs<'s, C: Controller>(
+        &self,
+        caches: &mut [KvCache],
+        seqs: &[usize],
+        s: &'s mut Scratch,
+        batch: &Batch,
+        controller: &mut C,
+    ) -> Result<&'s [f32], ForwardError> {
         let b = batch.tokens.len();
+        s.seqs.clear();
+        if seqs.is_empty() {
+            s.seqs.resize(b, 0);
+        } else if seqs.len() == b {
+            s.seqs.extend_from_slice(seqs);
+        } else {
+            return Err(ForwardError::SeqRows {
+                rows: b,
+                seqs: seqs.len(),
+            });
+        }
+        self.check(caches, s, batch.tokens)?;
         s.positions.clear();
-        s.positions.extend(pos0..pos0 + b);
+        for i in 0..b {
+            let q = s.seqs[i];
+            let pos = match i.checked_sub(1) {
+                Some(j) if s.seqs[j] == q => s.positions[j] + 1,
+                _ => caches[q].len,
+            };
+            s.positions.push(pos);
+        }
+        s.ends.clear();
+        for i in (0..b).rev() {
+            let end = match s.ends.last() {
+                Some(&e) if s.seqs[i + 1] == s.seqs[i] => e,
+                _ => s.positions[i] + 1,
+            };
+            s.ends.push(end);
+        }
+        s.ends.reverse();
         controller.begin(&s.positions, batch.prompt);
 
         // ---- inpL: token embeddings and the rows' RoPE angles ----
@@ -248,17 +306,20 @@ impl Llama<'_> {
 
         // ---- layers: inpL → attn_out → ffn_inp → ffn_out → l_out ----
         for l in 0..self.config.n_layer {
-            self.layer(l, cache, s, controller);
+            self.layer(l, caches, s, controller);
         }
         controller.end();
-        cache.len = pos0 + b;
+        for (&q, &end) in s.seqs.iter().zip(&s.ends) {
+            caches[q].len = end;
+        }
 
         // ---- result_norm → result_output ----
         Ok(self.head(s, batch.logits))
     }
 
     /// The errors a batch can have before anything is computed.
-    fn check(&self, cache: &KvCache, s: &Scratch, tokens: &[u32]) -> Result<(), ForwardError> {
+    /// `s.seqs` holds the rows' sequences.
+    fn check(&self, caches: &[KvCache], s: &Scratch, tokens: &[u32]) -> Result<(), ForwardError> {
         let b = tokens.len();
         if b == 0 {
             return Err(ForwardError::Empty);
@@ -269,11 +330,23 @@ impl Llama<'_> {
                 max: s.max_batch,
             });
         }
-        if cache.len + b > cache.n_ctx {
-            return Err(ForwardError::ContextFull {
-                need: cache.len + b,
-                n_ctx: cache.n_ctx,
-            });
+        for (i, &q) in s.seqs.iter().enumerate() {
+            let Some(cache) = caches.get(q) else {
+                return Err(ForwardError::NoSequence {
+                    seq: q,
+                    n_seq: caches.len(),
+                });
+            };
+            if i > 0 && s.seqs[i - 1] != q && s.seqs[..i - 1].contains(&q) {
+                return Err(ForwardError::SeqNotContiguous { seq: q });
+            }
+            let rows = s.seqs.iter().filter(|&&r| r == q).count();
+            if cache.len + rows > cache.n_ctx {
+                return Err(ForwardError::ContextFull {
+                    need: cache.len + rows,
+                    n_ctx: cache.n_ctx,
+                });
+            }
         }
         let n_vocab = self.config.n_vocab;
         match tokens.iter().find(|&&t| t as usize >= n_vocab) {
@@ -300,7 +373,7 @@ impl Llama<'_> {
     fn layer<C: Controller>(
         &self,
         l: usize,
-        cache: &mut KvCache,
+        caches: &mut [KvCache],
         s: &mut Scratch,
         controller: &mut C,
     ) {
@@ -317,16 +390,20 @@ impl Llama<'_> {
         // Rows that have not exited (early exit); all rows in the plain model.
         s.active.clear();
         s.act_pos.clear();
+        s.act_seq.clear();
+        s.act_end.clear();
         for i in 0..b {
             if !controller.exited(l, i) {
                 s.active.push(i);
                 s.act_pos.push(s.positions[i]);
+                s.act_seq.push(s.seqs[i]);
+                s.act_end.push(s.ends[i]);
             }
         }
 
         // ---- attn_norm → Qcur/Kcur/Vcur → RoPE → KV cache → attn_out; ffn_inp ----
         let t0 = Instant::now();
-        self.attention_block(l, cache, s);
+        self.attention_block(l, caches, s);
         let t1 = Instant::now();
         s.times.attention += t1 - t0;
         if s.active.is_empty() {
@@ -340,7 +417,7 @@ impl Llama<'_> {
                 s.ffn_rows.push(i);
             } else {
                 // l_out = ffn_inp + the controller's estimate of the skipped FFN's output.
-                controller.compensate(l, &mut s.x[i * d..(i + 1) * d]);
+                controller.compensate(l, i, &mut s.x[i * d..(i + 1) * d]);
             }
         }
         if s.ffn_rows.is_empty() {
@@ -356,7 +433,7 @@ impl Llama<'_> {
     /// one parallel region, RoPE, K/V into the cache for every row; then attention,
     /// attn_output (`attn_out`) and `ffn_inp = attn_out + inpL` for the rows in `s.active` only
     /// (exited rows keep their state).
-    fn attention_block(&self, l: usize, cache: &mut KvCache, s: &mut Scratch) {
+    fn attention_block(&self, l: usize, caches: &mut [KvCache], s: &mut Scratch) {
         let c = &self.config;
         let lw = &self.weights.layers[l];
         let (d, kv, hd, rd) = (c.n_embd, c.kv_dim(), c.head_dim, c.rope_dim);
@@ -412,8 +489,8 @@ impl Llama<'_> {
         tensor::par_rows(&mut s.k[..b * kv], kv, ROWS_PER_TASK, &|i, k| {
             self.rope.apply(k, hd, &cs[i * rd..(i + 1) * rd])
         });
-        for (i, &pos) in s.positions.iter().enumerate() {
-            cache.store(
+        for (i, (&pos, &q)) in s.positions.iter().zip(&s.seqs).enumerate() {
+            caches[q].store(
                 l,
                 pos,
                 &s.k[i * kv..(i + 1) * kv],
@@ -443,9 +520,11 @@ impl Llama<'_> {
         let rows = Queries {
             q: &s.q[..na * d],
             positions: &s.act_pos,
+            seqs: &s.act_seq,
+            ends: &s.act_end,
             exact: s.batch_exact,
         };
-        self.attention(l, cache, rows, &mut s.att_hm[..na * d], &mut s.attn);
+        self.attention(l, caches, rows, &mut s.att_hm[..na * d], &mut s.attn);
         for (h, block) in s.att_hm[..na * d].chunks_exact(na * hd).enumerate() {
             for (j, src) in block.chunks_exact(hd).enumerate() {
                 s.att[j * d + h * hd..j * d + (h + 1) * hd].copy_from_slice(src);

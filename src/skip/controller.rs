@@ -203,7 +203,7 @@ impl Controller for SkipController {
             && self.trace[row * self.params.n_layer + layer] == Decision::Exited
     }
 
-    fn compensate(&mut self, layer: usize, h: &mut [f32]) {
+    fn compensate(&mut self, layer: usize, _row: usize, h: &mut [f32]) {
         if let Some(m) = self.params.ffn_estimate.get(layer) {
             m.add_to(h, &mut self.z);
         }

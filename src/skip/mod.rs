@@ -12,12 +12,14 @@ mod controller;
 pub mod params;
 mod profile;
 mod schedule;
+mod sequences;
 mod stats;
 
 pub use controller::{LayerBytes, SkipController};
 pub use params::{ParamsError, Policy, SkipOptions, SkipParams};
 pub use profile::{KldPoint, LayerStat, Profile, Suggestion, PROFILE_VERSION};
 pub use schedule::Schedule;
+pub use sequences::PerSequence;
 pub use stats::{Decision, SkipStats, TokenDecisions};
 
 /// Per-(token, layer) decisions and observations. Every method has a do-nothing default, and
@@ -28,8 +30,9 @@ pub use stats::{Decision, SkipStats, TokenDecisions};
 /// not exited `run_ffn(l, row, ffn_inp)`; per row whose FFN ran `after_ffn` (if
 /// [`Controller::observes_ffn`]); finally `end`.
 pub trait Controller: Send {
-    /// Start of a forward call over rows at `positions` (ascending); `prompt` is true for
-    /// prompt (prefill) rows, which FFN-SkipLLM always runs in full.
+    /// Start of a forward call over rows at `positions` (ascending within a sequence; a
+    /// batch of several sequences goes through [`PerSequence`]); `prompt` is true for prompt
+    /// (prefill) rows, which FFN-SkipLLM always runs in full.
     fn begin(&mut self, _positions: &[usize], _prompt: bool) {}
 
     /// Whether layer `layer` runs at all in this call. `false` removes it for every row:
@@ -55,10 +58,10 @@ pub trait Controller: Send {
         true
     }
 
-    /// When [`Controller::run_ffn`] said no: adds an estimate of layer `layer`'s FFN output to
-    /// the row's `h` (`[n_embd]`, `ffn_inp` → `l_out`). The default adds nothing (the paper).
+    /// When [`Controller::run_ffn`] said no for `row`: adds an estimate of layer `layer`'s FFN
+    /// output to the row's `h` (`[n_embd]`, `ffn_inp` → `l_out`). The default adds nothing (the paper).
     #[inline]
-    fn compensate(&mut self, _layer: usize, _h: &mut [f32]) {}
+    fn compensate(&mut self, _layer: usize, _row: usize, _h: &mut [f32]) {}
 
     /// Whether [`Controller::after_ffn`] is wanted in this call (the forward pass keeps a copy
     /// of `ffn_inp` only then).
