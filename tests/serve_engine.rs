@@ -257,7 +257,10 @@ fn bad_requests_name_their_field() {
         ..Request::new(Prompt::Text("Hi".into()))
     });
     assert_eq!(param, "ffnskip");
-    assert!(msg.contains("1.5 is out of range"), "{msg}");
+    assert_eq!(
+        msg,
+        "ffnskip: skip_ratio 1.5 is out of range (expected 0..1)"
+    );
     let (param, msg) = error(Request {
         skip: Some(SkipOptions::new(Policy::Shortgpt)),
         ..Request::new(Prompt::Chat(vec![Message::new("user", "Hi")]))

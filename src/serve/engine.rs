@@ -23,7 +23,7 @@ use crate::gguf::GgufFile;
 use crate::model::{Batch, KvCache, Llama, LoadOptions, Logits, Scratch};
 use crate::sampling::{Sampler, SamplerConfig};
 use crate::session::{available_memory, context_bytes, SessionConfig, StopMatcher};
-use crate::skip::{PerSequence, Policy, SkipController, SkipOptions};
+use crate::skip::{ParamsError, PerSequence, Policy, SkipController, SkipOptions, SkipParams};
 use crate::skip_setup::{self, SourcedProfile};
 use crate::team::Team;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -579,8 +579,9 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
                 let seq = slot.take().expect("checked above");
                 let ctrl = controllers.get(q).cloned_stats();
                 controllers.set(q, None);
-                if let Some(reason) = reason {
-                    finish(seq, reason, ctrl, metrics);
+                match reason {
+                    Some(reason) => finish(seq, reason, ctrl, metrics),
+                    None => metrics.slot_freed(),
                 }
             }
         }
@@ -604,6 +605,7 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
             let stop = StopMatcher::new(&r.job.request.stop);
             controllers.set(q, Some(r.controller));
             metrics.prompt_tokens(r.ids.len());
+            metrics.slot_taken();
             slots[q] = Some(Seq {
                 job: r.job,
                 label: r.label,
@@ -622,7 +624,6 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
             });
         }
         metrics.set_queue_depth(shared.queued.load(Ordering::SeqCst));
-        metrics.set_active(slots.iter().filter(|s| s.is_some()).count());
 
         // ---- one prefill chunk: the prompt that started first ----
         let prefilling = slots
@@ -670,7 +671,7 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
                         }
                     }
                 }
-                Err(e) => fail(&mut slots, &mut controllers, q, &e.to_string()),
+                Err(e) => fail(&mut slots, &mut controllers, q, &e.to_string(), metrics),
             }
         }
 
@@ -716,7 +717,7 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
                 Ok(l) => l,
                 Err(e) => {
                     for &q in &rows_seq {
-                        fail(&mut slots, &mut controllers, q, &e.to_string());
+                        fail(&mut slots, &mut controllers, q, &e.to_string(), metrics);
                     }
                     continue;
                 }
@@ -734,6 +735,7 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
                 }
             }
         }
+        metrics.set_queue_depth(shared.queued.load(Ordering::SeqCst));
     }
     Ok(())
 }
@@ -754,8 +756,10 @@ fn fail(
     controllers: &mut PerSequence<SkipController>,
     q: usize,
     message: &str,
+    m: &Metrics,
 ) {
     if let Some(seq) = slots[q].take() {
+        m.slot_freed();
         let _ = seq.job.events.send(Event::Error(RequestError {
             param: None,
             message: message.into(),
@@ -775,6 +779,7 @@ fn finish(mut seq: Seq, reason: FinishReason, (skipped, eligible): (u64, u64), m
             let _ = seq.job.events.send(Event::Text(tail));
         }
     }
+    m.slot_freed();
     m.finished(reason.as_str(), &seq.label, skipped, eligible);
     let ratio = if eligible == 0 {
         0.0
@@ -878,8 +883,24 @@ impl Context<'_> {
             ));
         }
         let opts = r.skip.clone().unwrap_or_else(|| self.default.clone());
-        let setup = skip_setup::build(&opts, self.profile, self.model)
-            .map_err(|e| RequestError::new("ffnskip", format!("ffnskip: {e:#}")))?;
-        Ok((ids, setup.controller, label_of(&opts)))
+        let params = SkipParams::resolve(
+            &opts,
+            self.model.config.n_layer,
+            self.profile.map(|p| (&p.profile, p.from.as_str())),
+        )
+        .map_err(|e| RequestError::new("ffnskip", format!("ffnskip: {}", request_phrase(&e))))?;
+        let controller = SkipController::new(params, self.model.layer_bytes());
+        Ok((ids, controller, label_of(&opts)))
+    }
+}
+
+/// `e` in the words of the request's `ffnskip` fields.
+fn request_phrase(e: &ParamsError) -> String {
+    match e {
+        ParamsError::RatioOutOfRange(r) => format!("skip_ratio {r} is out of range (expected 0..1)"),
+        ParamsError::NeedsProfile(_) | ParamsError::NeedsCompensation(_) | ParamsError::NeedsKldCurve(_) => format!(
+            "{e}; this server has none that fits: start it with --skip-profile PROFILE.json (from `ffnskip calibrate`) or a model with an embedded profile"
+        ),
+        _ => e.to_string(),
     }
 }

@@ -85,8 +85,13 @@ impl Metrics {
     pub fn set_queue_depth(&self, n: usize) {
         self.with(|m| m.queue_depth = n);
     }
-    pub fn set_active(&self, n: usize) {
-        self.with(|m| m.active = n);
+    /// A sequence took a slot.
+    pub fn slot_taken(&self) {
+        self.with(|m| m.active += 1);
+    }
+    /// A slot was freed, before its client hears that its request ended.
+    pub fn slot_freed(&self) {
+        self.with(|m| m.active = m.active.saturating_sub(1));
     }
     pub fn set_slots(&self, n: usize) {
         self.with(|m| m.slots = n);

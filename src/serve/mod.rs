@@ -2,7 +2,9 @@
 //! layer above it ([`http`], with the request and response shapes in [`openai`]).
 
 pub mod engine;
+pub mod http;
 pub mod metrics;
+pub mod openai;
 
 pub use engine::{
     Engine, EngineConfig, Event, Finish, FinishReason, ModelInfo, Prompt, Request, RequestError,

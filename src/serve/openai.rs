@@ -169,7 +169,14 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Parsed, ApiError> {
         } else {
             format!("{path}: {msg}")
         };
-        ApiError::bad(if inner.is_syntax() || inner.is_eof() { "" } else { &param }, what)
+        ApiError::bad(
+            if inner.is_syntax() || inner.is_eof() {
+                ""
+            } else {
+                &param
+            },
+            what,
+        )
     })?;
     let prompt = match endpoint {
         Endpoint::Chat => {
@@ -177,11 +184,17 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Parsed, ApiError> {
                 return Err(ApiError::bad("messages", "missing field `messages`"));
             };
             if messages.is_empty() {
-                return Err(ApiError::bad("messages", "`messages` must hold at least one message"));
+                return Err(ApiError::bad(
+                    "messages",
+                    "`messages` must hold at least one message",
+                ));
             }
             let mut out = Vec::with_capacity(messages.len());
             for (i, m) in messages.into_iter().enumerate() {
-                if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+                if !matches!(
+                    m.role.as_str(),
+                    "system" | "user" | "assistant" | "developer"
+                ) {
                     return Err(ApiError::bad(
                         &format!("messages[{i}].role"),
                         format!(
@@ -190,7 +203,11 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Parsed, ApiError> {
                         ),
                     ));
                 }
-                let role = if m.role == "developer" { "system" } else { &m.role };
+                let role = if m.role == "developer" {
+                    "system"
+                } else {
+                    &m.role
+                };
                 let content = match m.content {
                     None => String::new(),
                     Some(Content::Text(t)) => t,
@@ -230,21 +247,44 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Parsed, ApiError> {
         },
     };
     if let Some(n) = body.n.filter(|&n| n != 1) {
-        return Err(ApiError::bad("n", format!("n = {n}: only n = 1 is supported")));
+        return Err(ApiError::bad(
+            "n",
+            format!("n = {n}: only n = 1 is supported"),
+        ));
     }
     if let Some(b) = body.best_of.filter(|&b| b != 1) {
-        return Err(ApiError::bad("best_of", format!("best_of = {b}: only 1 is supported")));
+        return Err(ApiError::bad(
+            "best_of",
+            format!("best_of = {b}: only 1 is supported"),
+        ));
     }
     let unsupported = [
-        ("logprobs", body.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false))),
-        ("top_logprobs", body.top_logprobs.as_ref().is_some_and(|v| !v.is_null())),
+        (
+            "logprobs",
+            body.logprobs
+                .as_ref()
+                .is_some_and(|v| !v.is_null() && v != &json!(false)),
+        ),
+        (
+            "top_logprobs",
+            body.top_logprobs.as_ref().is_some_and(|v| !v.is_null()),
+        ),
         ("echo", body.echo == Some(true)),
         ("tools", body.tools.as_ref().is_some_and(|v| !v.is_null())),
-        ("presence_penalty", body.presence_penalty.is_some_and(|p| p != 0.0)),
-        ("frequency_penalty", body.frequency_penalty.is_some_and(|p| p != 0.0)),
+        (
+            "presence_penalty",
+            body.presence_penalty.is_some_and(|p| p != 0.0),
+        ),
+        (
+            "frequency_penalty",
+            body.frequency_penalty.is_some_and(|p| p != 0.0),
+        ),
     ];
     if let Some((name, _)) = unsupported.iter().find(|(_, on)| *on) {
-        return Err(ApiError::bad(name, format!("`{name}` is not supported by this server")));
+        return Err(ApiError::bad(
+            name,
+            format!("`{name}` is not supported by this server"),
+        ));
     }
     let max_tokens = match (body.max_completion_tokens, body.max_tokens) {
         (Some(m), _) => Some(("max_completion_tokens", m)),
@@ -252,7 +292,10 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Parsed, ApiError> {
         _ => None,
     };
     if let Some((name, m)) = max_tokens.filter(|(_, m)| *m < 1) {
-        return Err(ApiError::bad(name, format!("{name} = {m}: expected at least 1")));
+        return Err(ApiError::bad(
+            name,
+            format!("{name} = {m}: expected at least 1"),
+        ));
     }
     let range = |name: &str, v: Option<f64>, lo: f64, hi: f64| -> Result<(), ApiError> {
         match v {
@@ -267,10 +310,16 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Parsed, ApiError> {
     range("top_p", body.top_p, 0.0, 1.0)?;
     range("min_p", body.min_p, 0.0, 1.0)?;
     if body.top_p == Some(0.0) {
-        return Err(ApiError::bad("top_p", "top_p = 0 keeps no token (expected above 0, up to 1)"));
+        return Err(ApiError::bad(
+            "top_p",
+            "top_p = 0 keeps no token (expected above 0, up to 1)",
+        ));
     }
     if let Some(k) = body.top_k.filter(|&k| k < 0) {
-        return Err(ApiError::bad("top_k", format!("top_k = {k}: expected 0 (off) or more")));
+        return Err(ApiError::bad(
+            "top_k",
+            format!("top_k = {k}: expected 0 (off) or more"),
+        ));
     }
     let stop = match body.stop {
         None => Vec::new(),
@@ -278,12 +327,21 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Parsed, ApiError> {
         Some(OneOrMany::Many(v)) => v,
     };
     if stop.len() > MAX_STOP {
-        return Err(ApiError::bad("stop", format!("{} stop strings: at most {MAX_STOP}", stop.len())));
-    }
-    if let Some(s) = stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
         return Err(ApiError::bad(
             "stop",
-            format!("stop string of {} bytes: expected 1..{MAX_STOP_BYTES}", s.len()),
+            format!("{} stop strings: at most {MAX_STOP}", stop.len()),
+        ));
+    }
+    if let Some(s) = stop
+        .iter()
+        .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
+        return Err(ApiError::bad(
+            "stop",
+            format!(
+                "stop string of {} bytes: expected 1..{MAX_STOP_BYTES}",
+                s.len()
+            ),
         ));
     }
     let mut sampling = SamplerConfig::default();
@@ -307,7 +365,10 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Parsed, ApiError> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
     };
-    let skip = body.ffnskip.map(|f| skip_options(f, sampling.seed)).transpose()?;
+    let skip = body
+        .ffnskip
+        .map(|f| skip_options(f, sampling.seed))
+        .transpose()?;
     Ok(Parsed {
         model: body.model,
         request: Request {
