@@ -24,7 +24,10 @@ fn main() -> anyhow::Result<()> {
         Arc::new(Metrics::new()),
     )?;
     let info = engine.wait_ready()?;
-    eprintln!("{}: {} slots × {} positions", info.id, info.parallel, info.n_ctx);
+    eprintln!(
+        "{}: {} slots × {} positions",
+        info.id, info.parallel, info.n_ctx
+    );
 
     let ask = |prompt: &str, skip: Option<SkipOptions>| Request {
         max_tokens: Some(48),
@@ -37,9 +40,15 @@ fn main() -> anyhow::Result<()> {
     };
     // All three are in the engine before the first is read: they decode as one batch.
     let streams = vec![
-        ("full", engine.submit(ask("The three primary colors are", None))?),
+        (
+            "full",
+            engine.submit(ask("The three primary colors are", None))?,
+        ),
         ("full", engine.submit(ask("def is_prime(n):", None))?),
-        ("adaptive:0.25", engine.submit(ask("Once upon a time", Some(adaptive)))?),
+        (
+            "adaptive:0.25",
+            engine.submit(ask("Once upon a time", Some(adaptive)))?,
+        ),
     ];
     for (label, mut s) in streams {
         let mut text = String::new();

@@ -140,9 +140,17 @@ fn batched_sequences_get_the_tokens_they_get_alone_and_from_generate() {
                 "request {i} skipped nothing: {done:?}"
             );
         }
-        // Alone in the engine.
-        let (_, solo, _) = drain(alone.submit(r.clone()).unwrap());
+        // Alone in the engine, text only at the end.
+        let (streamed, solo, _) = drain(
+            alone
+                .submit(Request {
+                    stream_text: false,
+                    ..r.clone()
+                })
+                .unwrap(),
+        );
         let solo = solo.unwrap();
+        assert_eq!((streamed.as_str(), solo.text.as_str()), ("", text.as_str()));
         assert_eq!(solo.tokens, done.tokens, "request {i}: batched vs alone");
         assert_eq!(solo.ffn_skip_ratio, done.ffn_skip_ratio, "request {i}");
 
@@ -178,6 +186,67 @@ fn batched_sequences_get_the_tokens_they_get_alone_and_from_generate() {
             "request {i}"
         );
     }
+}
+
+/// ShortGPT removes layers for every row of a forward call, so the engine decodes its
+/// sequences apart from the others; each still gets the tokens it gets alone.
+#[test]
+fn shortgpt_sequences_batch_apart_and_match_decoding_alone() {
+    let _serial = serial();
+    let profile = common::temp_path("serve", "profile.json");
+    skip_setup::profile_file::save_json(&common::test_profile(30), &profile).unwrap();
+    let start = |parallel: usize| {
+        let cfg = EngineConfig {
+            parallel,
+            n_ctx: N_CTX,
+            threads: 2,
+            prefill_chunk: CHUNK,
+            skip_profile: Some(profile.clone()),
+            ..EngineConfig::new(default_model())
+        };
+        let e = Engine::start(cfg, Arc::new(Metrics::new())).unwrap();
+        e.wait_ready().unwrap();
+        e
+    };
+    let reqs: Vec<Request> = [
+        SkipOptions {
+            ratio: Some(0.2),
+            ..SkipOptions::new(Policy::Shortgpt)
+        },
+        skip(Policy::Adaptive, 0.3),
+        SkipOptions::none(),
+        SkipOptions {
+            ratio: Some(0.1),
+            ..SkipOptions::new(Policy::Shortgpt)
+        },
+    ]
+    .into_iter()
+    .map(|p| Request {
+        max_tokens: Some(20),
+        skip: Some(p),
+        ..Request::new(Prompt::Text("The history of the city begins".into()))
+    })
+    .collect();
+    let together = start(4);
+    let streams: Vec<Stream> = reqs
+        .iter()
+        .map(|r| together.submit(r.clone()).unwrap())
+        .collect();
+    let batched: Vec<Finish> = streams.into_iter().map(|s| drain(s).1.unwrap()).collect();
+    drop(together);
+    let alone = start(1);
+    for (i, r) in reqs.into_iter().enumerate() {
+        let solo = drain(alone.submit(r).unwrap()).1.unwrap();
+        assert_eq!(
+            solo.tokens, batched[i].tokens,
+            "request {i} ({})",
+            solo.policy
+        );
+        assert_eq!(solo.ffn_skip_ratio, batched[i].ffn_skip_ratio);
+    }
+    assert!(batched[0].ffn_skip_ratio > 0.1, "{:?}", batched[0]);
+    assert_ne!(batched[0].tokens, batched[2].tokens);
+    let _ = std::fs::remove_file(&profile);
 }
 
 #[test]

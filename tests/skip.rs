@@ -3,17 +3,16 @@
 
 mod common;
 
-use common::{default_model, shared, temp_path, TempFile};
+use common::{default_model, shared, temp_path, test_profile, TempFile};
 use ffnskip::convert::convert_llama2c;
 use ffnskip::gguf::GgufFile;
 use ffnskip::measure::calibrate::calibrate;
 use ffnskip::model::Llama;
 use ffnskip::peer::argmax;
 use ffnskip::session::{Session, SessionConfig};
-use ffnskip::skip::compensation::{Compensation, FfnMap};
+use ffnskip::skip::compensation::Compensation;
 use ffnskip::skip::{
-    Controller, Decision, LayerStat, ParamsError, Policy, Profile, SkipController, SkipOptions,
-    SkipParams, Suggestion, PROFILE_VERSION,
+    Controller, Decision, ParamsError, Policy, Profile, SkipController, SkipOptions, SkipParams,
 };
 use ffnskip::skip_setup::profile_file;
 use ffnskip::tokenizer::Tokenizer;
@@ -65,66 +64,6 @@ fn opts(policy: Policy, ratio: f64) -> SkipOptions {
     SkipOptions {
         ratio: Some(ratio),
         ..SkipOptions::new(policy)
-    }
-}
-
-/// A synthetic profile (Block Influence rising with depth, so ShortGPT removes the first
-/// non-zero-ranked layers) for policies that need one.
-fn test_profile(n: usize) -> Profile {
-    let stat = |m: f32| LayerStat {
-        mean: m,
-        p10: m,
-        p50: m,
-        p90: m,
-        frac_ge_095: 1.0,
-    };
-    Profile {
-        version: PROFILE_VERSION,
-        n_layer: n,
-        tokens: 10,
-        source: "synthetic".into(),
-        ffn_cos: (0..n).map(|l| stat(0.9 + l as f32 / 1000.0)).collect(),
-        layer_cos: (0..n).map(|l| stat(0.8 + l as f32 / 1000.0)).collect(),
-        block_influence: (0..n)
-            .map(|l| ((l * 7) % n) as f32 / n as f32 + 0.01)
-            .collect(),
-        cold_start: 2,
-        cold_end: 2,
-        full_every: 0,
-        suggestions: vec![Suggestion {
-            ratio: 0.25,
-            threshold: 0.96,
-            k: 8.0,
-            simulated_ratio: 0.25,
-            simulated_damage: 0.1,
-        }],
-        kld_curve: Vec::new(),
-        // Estimates for `--compensate`, sized for the default model (n_embd 576).
-        ffn_mean: (0..n)
-            .map(|l| {
-                (0..576)
-                    .map(|i| ((i * 7 + l) % 13) as f32 * 0.02 - 0.12)
-                    .collect()
-            })
-            .collect(),
-        // Rank-2 maps for `+lowrank`, and a damage per layer for `placed` (least at 10..14).
-        ffn_lowrank: (0..n)
-            .map(|l| {
-                let v = |k: usize| -> Vec<f32> {
-                    (0..2 * 576)
-                        .map(|i| ((i * k + l) % 11) as f32 * 0.01 - 0.05)
-                        .collect()
-                };
-                FfnMap {
-                    offset: (0..576).map(|i| ((i + l) % 5) as f32 * 0.01).collect(),
-                    down: v(3),
-                    up: v(5),
-                }
-            })
-            .collect(),
-        ffn_damage: (0..n)
-            .map(|l| (l as f32 - 12.0).abs() * 0.01 + 0.02)
-            .collect(),
     }
 }
 

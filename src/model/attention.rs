@@ -268,6 +268,8 @@ pub(super) struct Queries<'a> {
     pub seqs: &'a [usize],
     /// Each row's sequence's cached length (its last row's position + 1).
     pub ends: &'a [usize],
+    /// How many rows of this call belong to each row's sequence.
+    pub rows_in_seq: &'a [usize],
     /// Take ggml's one-token path even for a batch (see the module comment).
     pub exact: bool,
 }
@@ -289,6 +291,7 @@ impl Llama<'_> {
             positions,
             seqs,
             ends,
+            rows_in_seq,
             exact,
         } = rows;
         let c = &self.config;
@@ -300,11 +303,16 @@ impl Llama<'_> {
         let group = c.n_head / c.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         // Transposing a KV head's keys costs about as much as 8 per-key calls of ggml's dot;
-        // it pays off once enough (head, row) items share the head (prefill, not decode).
-        let order = if b * group >= 16 {
-            dot_order()
-        } else {
-            DotOrder::Call
+        // it pays off once enough (head, row) items share the head and sequence (prefill, not
+        // decode, nor one decode row of each of several sequences). Both orders give ggml's
+        // bits.
+        let transposed = dot_order();
+        let order_for = |seq_rows: usize| {
+            if seq_rows * group >= 16 {
+                transposed
+            } else {
+                DotOrder::Call
+            }
         };
         let f16dot = F16Dot::get();
         let items = nh * b;
@@ -349,6 +357,7 @@ impl Llama<'_> {
                     g1 = g0 + 1 + n;
                 }
                 let kvh = h / group;
+                let order = order_for(rows_in_seq[g0 % b]);
                 let cache = &caches[seq];
                 let n_total = ends[g0 % b];
                 let keys = cache.keys(l, kvh, n_total);

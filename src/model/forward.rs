@@ -85,6 +85,8 @@ pub struct Scratch {
     seqs: Vec<usize>,
     /// Positions each row attends over (its sequence's cached length after this call) `[B]`.
     ends: Vec<usize>,
+    /// Rows of each row's sequence in this call `[B]`.
+    rows_in_seq: Vec<usize>,
     /// Residual stream `[B, n_embd]`: inpL, then ffn_inp, then l_out (the next layer's inpL).
     x: Vec<f32>,
     /// Normed rows `[B, n_embd]` (attn_norm, ffn_norm, result_norm), reused for the SwiGLU
@@ -120,6 +122,7 @@ pub struct Scratch {
     /// The active rows' sequences and attended lengths `[≤ B]`.
     act_seq: Vec<usize>,
     act_end: Vec<usize>,
+    act_rows: Vec<usize>,
     /// RoPE (cos, sin) pairs per row `[B, rope_dim / 2, 2]`.
     rope_cs: Vec<f32>,
     /// One per attention worker (≤ `MAX_SPLITS`), each sized for `n_ctx` positions.
@@ -148,6 +151,7 @@ impl Scratch {
             positions: Vec::with_capacity(b),
             seqs: Vec::with_capacity(b),
             ends: Vec::with_capacity(b),
+            rows_in_seq: Vec::with_capacity(b),
             x: vec![0.0; b * c.n_embd],
             xn: vec![0.0; b * wide],
             acts: [act.clone(), act.clone(), act],
@@ -164,6 +168,7 @@ impl Scratch {
             act_pos: Vec::with_capacity(b),
             act_seq: Vec::with_capacity(b),
             act_end: Vec::with_capacity(b),
+            act_rows: Vec::with_capacity(b),
             rope_cs: vec![0.0; b * c.rope_dim],
             attn: (0..MAX_SPLITS.min(crate::team::current_threads().max(1) * 2))
                 .map(|_| AttnScratch::new(c.head_dim, n_ctx))
@@ -299,6 +304,18 @@ impl Llama<'_> {
             s.ends.push(end);
         }
         s.ends.reverse();
+        // A sequence's rows are consecutive: its count is end − first position.
+        s.rows_in_seq.clear();
+        for i in 0..b {
+            let first = match i.checked_sub(1) {
+                Some(j) if s.seqs[j] == s.seqs[i] => s.rows_in_seq[j],
+                _ => s.positions[i],
+            };
+            s.rows_in_seq.push(first);
+        }
+        for (r, &end) in s.rows_in_seq.iter_mut().zip(&s.ends) {
+            *r = end - *r;
+        }
         controller.begin(&s.positions, batch.prompt);
 
         // ---- inpL: token embeddings and the rows' RoPE angles ----
@@ -392,12 +409,14 @@ impl Llama<'_> {
         s.act_pos.clear();
         s.act_seq.clear();
         s.act_end.clear();
+        s.act_rows.clear();
         for i in 0..b {
             if !controller.exited(l, i) {
                 s.active.push(i);
                 s.act_pos.push(s.positions[i]);
                 s.act_seq.push(s.seqs[i]);
                 s.act_end.push(s.ends[i]);
+                s.act_rows.push(s.rows_in_seq[i]);
             }
         }
 
@@ -522,6 +541,7 @@ impl Llama<'_> {
             positions: &s.act_pos,
             seqs: &s.act_seq,
             ends: &s.act_end,
+            rows_in_seq: &s.act_rows,
             exact: s.batch_exact,
         };
         self.attention(l, caches, rows, &mut s.att_hm[..na * d], &mut s.attn);

@@ -85,6 +85,9 @@ pub struct Request {
     pub skip: Option<SkipOptions>,
     /// Wall time from submission after which generation ends (`finish_reason` `length`).
     pub deadline: Option<Duration>,
+    /// Send the text as it forms ([`Event::Text`]); off, only [`Finish::text`] carries it
+    /// (no wake-up of the reader per token).
+    pub stream_text: bool,
 }
 
 impl Request {
@@ -96,6 +99,7 @@ impl Request {
             stop: Vec::new(),
             skip: None,
             deadline: None,
+            stream_text: true,
         }
     }
 }
@@ -138,6 +142,8 @@ impl FinishReason {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Finish {
     pub reason: FinishReason,
+    /// The whole generated text (what the `Text` events carried, together).
+    pub text: String,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// The token ids generated (without an end-of-generation token).
@@ -775,7 +781,7 @@ fn finish(mut seq: Seq, reason: FinishReason, (skipped, eligible): (u64, u64), m
         let (release, _) = seq.stop.push(&rest);
         let mut tail = release.to_string();
         tail.push_str(seq.stop.finish());
-        if !tail.is_empty() {
+        if !tail.is_empty() && seq.job.request.stream_text {
             let _ = seq.job.events.send(Event::Text(tail));
         }
     }
@@ -788,6 +794,7 @@ fn finish(mut seq: Seq, reason: FinishReason, (skipped, eligible): (u64, u64), m
     };
     let _ = seq.job.events.send(Event::Done(Finish {
         reason,
+        text: std::mem::take(&mut seq.stop.text),
         prompt_tokens: seq.ids.len(),
         completion_tokens: seq.generated.len(),
         tokens: std::mem::take(&mut seq.generated),
@@ -820,7 +827,7 @@ impl Seq<'_> {
         self.sampler.accept(t);
         let piece = self.text.push(t);
         let (release, stopped) = self.stop.push(&piece);
-        if !release.is_empty() {
+        if !release.is_empty() && self.job.request.stream_text {
             let _ = self.job.events.send(Event::Text(release.to_string()));
         }
         if stopped {

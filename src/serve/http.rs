@@ -287,10 +287,9 @@ async fn complete(
     let model = info.id.clone();
     let created = now_s();
     if !parsed.stream {
-        let mut text = String::new();
         let finish = loop {
             match stream.next().await {
-                Some(Event::Text(t)) => text.push_str(&t),
+                Some(Event::Text(_)) => {}
                 Some(Event::Done(f)) => break f,
                 Some(Event::Error(e)) => {
                     return Err(ApiError::new(
@@ -316,7 +315,7 @@ async fn complete(
             created,
             model: &model,
         };
-        return Ok(Json(openai::response(endpoint, &ids, &text, &finish)).into_response());
+        return Ok(Json(openai::response(endpoint, &ids, &finish.text, &finish)).into_response());
     }
     // Streamed: one SSE event per released piece of text, the finish, usage if asked, [DONE].
     struct St {

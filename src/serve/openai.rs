@@ -378,6 +378,7 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Parsed, ApiError> {
             stop,
             skip,
             deadline: None,
+            stream_text: body.stream,
         },
         stream: body.stream,
         include_usage: body.stream_options.is_some_and(|o| o.include_usage),
