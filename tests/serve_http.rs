@@ -373,6 +373,16 @@ fn a_full_queue_answers_429_and_a_disconnect_frees_the_slot() {
 #[test]
 fn sigterm_finishes_streams_and_exits_zero() {
     let _serial = serial();
+    stop_with_signal("-TERM");
+}
+
+#[test]
+fn ctrl_c_finishes_streams_and_exits_zero() {
+    let _serial = serial();
+    stop_with_signal("-INT");
+}
+
+fn stop_with_signal(signal: &str) {
     let mut s = start(&["--shutdown-grace", "1"]);
     let mut long = client()
         .post(s.url("/v1/completions"))
