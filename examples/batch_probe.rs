@@ -2,7 +2,7 @@
 //! decodes), exact rows and fast rows, for B = 1, 2, 4, 8 after a 32-token context each,
 //! with the stage times per step. For profiling continuous batching:
 //!
-//!     cargo run --release --example batch_probe
+//!     cargo run --release --example batch_probe [MODEL.gguf]
 use ffnskip::gguf::GgufFile;
 use ffnskip::model::{Batch, Llama, Logits, Scratch};
 use ffnskip::skip::NoSkip;
@@ -10,7 +10,10 @@ use ffnskip::team::Team;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    let path = ffnskip::fetch::default_model()?;
+    let path = match std::env::args_os().nth(1) {
+        Some(p) => p.into(),
+        None => ffnskip::fetch::default_model()?,
+    };
     let file = GgufFile::open(&path)?;
     let model = Llama::load(&file)?;
     let team = Team::new(2)?;

@@ -394,10 +394,30 @@ fn stop_with_signal(signal: &str) {
     let pid = s.child.id().to_string();
     let t0 = Instant::now();
     assert!(Command::new("kill")
-        .args(["-TERM", &pid])
+        .args([signal, &pid])
         .status()
         .unwrap()
         .success());
+    // While the running stream finishes, new requests get 503 (not a refused connection).
+    let refused = loop {
+        let (st, v) = s.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+        if st == 503 {
+            break v;
+        }
+        assert_eq!(st, 200, "{v}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "no 503 after {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(refused["error"]["code"], "shutting_down", "{refused}");
+    let health = client().get(s.url("/health")).send().unwrap();
+    assert_eq!(health.status(), 503);
+    assert_eq!(
+        health.json::<Value>().unwrap(),
+        json!({"status": "shutting_down"})
+    );
     // The stream ends properly within the grace: a finish and [DONE].
     let mut rest = String::new();
     long.read_to_string(&mut rest).unwrap();
@@ -409,7 +429,7 @@ fn stop_with_signal(signal: &str) {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(15),
-            "still running after SIGTERM"
+            "still running after {signal}"
         );
         std::thread::sleep(Duration::from_millis(20));
     };

@@ -142,9 +142,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                     _ = stop_rx.wait_for(|&stop| stop) => {}
                 }
                 let _ = stop_tx.send(true);
-                // New requests get 503 from now on; running ones end within the grace.
+                // New requests get 503 while running ones finish (within the grace); the
+                // listener closes once the engine has stopped.
                 let e = engine.clone();
-                tokio::task::spawn_blocking(move || e.shutdown(grace));
+                let _ = tokio::task::spawn_blocking(move || e.shutdown(grace)).await;
             }
         };
         let server = axum::serve(listener, app).with_graceful_shutdown(signal);

@@ -299,6 +299,11 @@ impl Engine {
         self.shared.state.load(Ordering::SeqCst) == READY
     }
 
+    /// Shutting down: no new requests, running ones finishing.
+    pub fn is_stopping(&self) -> bool {
+        self.shared.state.load(Ordering::SeqCst) == STOPPING
+    }
+
     /// Why the engine stopped, if it failed (the model did not load, …).
     pub fn error(&self) -> Option<&str> {
         self.shared.error.get().map(String::as_str)

@@ -134,6 +134,15 @@ async fn method_not_allowed(req: HttpRequest) -> ApiError {
 async fn health(State(s): State<Arc<AppState>>) -> Response {
     if s.engine.is_ready() {
         Json(json!({"status": "ok"})).into_response()
+    } else if s.engine.is_stopping() || s.engine.info().is_some() && s.engine.error().is_none() {
+        let mut r = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting_down"})),
+        )
+            .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r
     } else if let Some(e) = s.engine.error() {
         let body = json!({"status": "error", "error": e});
         (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
