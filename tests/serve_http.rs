@@ -4,27 +4,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::server::Server;
 use ffnskip::serve::http::{router, AppState};
 use ffnskip::serve::{Engine, EngineConfig, Metrics};
 use serde_json::{json, Value};
-
-/// A running server; killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One server at a time: each spins its worker threads on the machine's cores.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -34,45 +22,17 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn start(extra: &[&str]) -> Server {
-    let model = common::default_model();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ffnskip"))
-        .args(["serve", "--port", "0", "-t", "2", "-c", "512", "-m"])
-        .arg(&model)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start ffnskip serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
-    let s = Server { child, base };
-    let t0 = Instant::now();
-    loop {
-        if let Ok(r) = client().get(s.url("/health")).send() {
-            if r.status() == 200 {
-                break;
-            }
-            assert_eq!(r.status(), 503);
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    s
+    let mut args = vec!["-c", "512"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
 }
 
-impl Server {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
+trait Requests {
+    fn post(&self, path: &str, body: &Value) -> (u16, Value);
+    fn metric(&self, name: &str) -> f64;
+}
 
+impl Requests for Server {
     fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = client()
             .post(self.url(path))

@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use common::server::Server;
 
 /// The venv's python with `openai` importable, created when missing.
 fn python() -> PathBuf {
@@ -46,48 +46,14 @@ fn python() -> PathBuf {
 #[test]
 fn the_official_openai_client_works_against_the_server() {
     let py = python();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ffnskip"))
-        .args([
-            "serve",
-            "--port",
-            "0",
-            "-t",
-            "2",
-            "-c",
-            "1024",
-            "--parallel",
-            "2",
-        ])
-        .args(["--api-key", "test-key", "-m"])
-        .arg(common::default_model())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start ffnskip serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("listening line");
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .map(str::to_string);
-    let result = base.map(|base| {
-        let t0 = Instant::now();
-        while !reqwest::blocking::get(format!("{base}/health")).is_ok_and(|r| r.status() == 200) {
-            assert!(t0.elapsed() < Duration::from_secs(60), "never ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Command::new(&py)
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
-            .arg(format!("{base}/v1"))
-            .arg("test-key")
-            .output()
-            .expect("run tests/openai_client.py")
-    });
-    let _ = child.kill();
-    let _ = child.wait();
-    let out = result.unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    let server = Server::start(&["-c", "1024", "--parallel", "2", "--api-key", "test-key"]);
+    let out = Command::new(&py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
+        .arg(server.url("/v1"))
+        .arg("test-key")
+        .output()
+        .expect("run tests/openai_client.py");
+    drop(server);
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "openai_client.py failed:\n{stdout}");

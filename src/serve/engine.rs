@@ -574,8 +574,8 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
                 }));
             }
         }
-        for (q, slot) in slots.iter_mut().enumerate() {
-            let Some(seq) = slot else { continue };
+        for q in 0..slots.len() {
+            let Some(seq) = &slots[q] else { continue };
             let end = if seq.job.events.is_closed() {
                 metrics.cancelled();
                 Some(None)
@@ -587,13 +587,7 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
                 None
             };
             if let Some(reason) = end {
-                let seq = slot.take().expect("checked above");
-                let ctrl = controllers.get(q).cloned_stats();
-                controllers.set(q, None);
-                match reason {
-                    Some(reason) => finish(seq, reason, ctrl, metrics),
-                    None => metrics.slot_freed(),
-                }
+                end_seq(&mut slots, &mut controllers, q, reason, metrics);
             }
         }
 
@@ -675,10 +669,7 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
                     if last {
                         let t = seq.sampler.sample(&logits);
                         if let Some(reason) = seq.emit(t, &tokenizer, n_ctx, &caches[q], metrics) {
-                            let seq = slots[q].take().expect("present");
-                            let st = controllers.get(q).cloned_stats();
-                            controllers.set(q, None);
-                            finish(seq, reason, st, metrics);
+                            end_seq(&mut slots, &mut controllers, q, Some(reason), metrics);
                         }
                     }
                 }
@@ -739,10 +730,7 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
                 let seq = slots[q].as_mut().expect("a row's slot is busy");
                 let t = seq.sampler.sample(&logits[row * nv..(row + 1) * nv]);
                 if let Some(reason) = seq.emit(t, &tokenizer, n_ctx, &caches[q], metrics) {
-                    let seq = slots[q].take().expect("present");
-                    let st = controllers.get(q).cloned_stats();
-                    controllers.set(q, None);
-                    finish(seq, reason, st, metrics);
+                    end_seq(&mut slots, &mut controllers, q, Some(reason), metrics);
                 }
             }
         }
@@ -751,14 +739,22 @@ fn run(config: &EngineConfig, jobs: mpsc::Receiver<Job>, shared: &Shared) -> any
     Ok(())
 }
 
-/// What a finished sequence reports of its controller: (skipped, eligible) FFN blocks.
-trait ClonedStats {
-    fn cloned_stats(self) -> (u64, u64);
-}
-
-impl ClonedStats for Option<&SkipController> {
-    fn cloned_stats(self) -> (u64, u64) {
-        self.map_or((0, 0), |c| (c.stats.skipped_ffn, c.stats.eligible_ffn))
+/// Frees slot `q` and its controller; reports the finish (`None`: the client went away).
+fn end_seq(
+    slots: &mut [Option<Seq>],
+    controllers: &mut PerSequence<SkipController>,
+    q: usize,
+    reason: Option<FinishReason>,
+    m: &Metrics,
+) {
+    let stats = controllers
+        .get(q)
+        .map_or((0, 0), |c| (c.stats.skipped_ffn, c.stats.eligible_ffn));
+    controllers.set(q, None);
+    match (slots[q].take(), reason) {
+        (Some(seq), Some(reason)) => finish(seq, reason, stats, m),
+        (Some(_), None) => m.slot_freed(),
+        (None, _) => {}
     }
 }
 

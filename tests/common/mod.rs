@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod parity;
+pub mod server;
 pub mod tiny;
 
 use std::path::PathBuf;
