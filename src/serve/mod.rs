@@ -5,6 +5,7 @@ pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod openai;
+mod scheduler;
 
 pub use engine::{
     Engine, EngineConfig, Event, Finish, FinishReason, ModelInfo, Prompt, Request, RequestError,
