@@ -93,7 +93,7 @@ pub(super) fn run(
     let default = skip_setup::build(&config.skip, profile.as_ref(), &model)?;
     let team = Team::new(config.threads.max(1))?;
     let rows = config.prefill_chunk.max(config.parallel);
-    let mut scratch = team.install(|| Scratch::new(&model, rows, n_ctx));
+    let scratch = team.install(|| Scratch::new(&model, rows, n_ctx));
     let mut caches: Vec<KvCache> = (0..config.parallel)
         .map(|_| model.new_cache(n_ctx))
         .collect();
@@ -115,6 +115,11 @@ pub(super) fn run(
         .state
         .compare_exchange(LOADING, READY, Ordering::SeqCst, Ordering::SeqCst);
 
+    let mut step = Step {
+        model: &model,
+        team,
+        scratch,
+    };
     let ctx = Context {
         model: &model,
         tokenizer: &tokenizer,
@@ -280,24 +285,13 @@ pub(super) fn run(
             let last = to == seq.ids.len();
             rows_seq.clear();
             rows_seq.resize(to - from, q);
-            controllers.route(&rows_seq);
-            scratch.batch_exact = false;
             let batch = Batch {
                 tokens: &seq.ids[from..to],
                 prompt: true,
                 logits: if last { Logits::Last } else { Logits::None },
             };
-            let out = team.install(|| {
-                model
-                    .forward_seqs(
-                        &mut caches,
-                        &rows_seq,
-                        &mut scratch,
-                        &batch,
-                        &mut controllers,
-                    )
-                    .map(|l| l.to_vec())
-            });
+            // Prompt chunks take the fast batched path (they depend on the prompt only).
+            let out = step.run(&mut caches, &mut controllers, &rows_seq, &batch, false);
             match out {
                 Ok(logits) => {
                     seq.prefilled = to;
@@ -331,25 +325,14 @@ pub(super) fn run(
                     }
                 }
             }
-            controllers.route(&rows_seq);
-            scratch.batch_exact = true;
             let batch = Batch {
                 tokens: &rows_tok,
                 prompt: false,
                 logits: Logits::All,
             };
             let t0 = Instant::now();
-            let out = team.install(|| {
-                model
-                    .forward_seqs(
-                        &mut caches,
-                        &rows_seq,
-                        &mut scratch,
-                        &batch,
-                        &mut controllers,
-                    )
-                    .map(|l| l.to_vec())
-            });
+            // Decode rows are exact: each the bits of its sequence decoded alone.
+            let out = step.run(&mut caches, &mut controllers, &rows_seq, &batch, true);
             let logits = match out {
                 Ok(l) => l,
                 Err(e) => {
@@ -545,5 +528,33 @@ fn request_phrase(e: &ParamsError) -> String {
             "{e}; this server has none that fits: start it with --skip-profile PROFILE.json (from `ffnskip calibrate`) or a model with an embedded profile"
         ),
         _ => e.to_string(),
+    }
+}
+
+/// One forward call of the engine's rows: the model, its thread team and scratch.
+struct Step<'a> {
+    model: &'a Llama<'a>,
+    team: Team,
+    scratch: Scratch,
+}
+
+impl Step<'_> {
+    /// `batch` over the sequences `seqs` (one per row); the requested logits, copied.
+    fn run(
+        &mut self,
+        caches: &mut [KvCache],
+        controllers: &mut PerSequence<SkipController>,
+        seqs: &[usize],
+        batch: &Batch,
+        exact: bool,
+    ) -> Result<Vec<f32>, crate::model::ForwardError> {
+        controllers.route(seqs);
+        self.scratch.batch_exact = exact;
+        let (model, scratch) = (self.model, &mut self.scratch);
+        self.team.install(|| {
+            model
+                .forward_seqs(caches, seqs, scratch, batch, controllers)
+                .map(|l| l.to_vec())
+        })
     }
 }
