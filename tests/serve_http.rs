@@ -366,7 +366,7 @@ fn stop_with_signal(signal: &str) {
         }
         assert_eq!(st, 200, "{v}");
         assert!(
-            t0.elapsed() < Duration::from_secs(1),
+            t0.elapsed() < Duration::from_secs(5),
             "no 503 after {signal}"
         );
         std::thread::sleep(Duration::from_millis(20));
