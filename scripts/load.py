@@ -109,6 +109,13 @@ class Stats:
         self.failures = []         # first descriptions, for stderr
         self.last_done = None      # time.monotonic() of the last finished request
 
+    def succeeded(self, tokens, ttft):
+        """A valid request answered in full: `tokens` generated, `ttft` s to the first (or None)."""
+        self.ok += 1
+        self.tokens += tokens
+        if ttft is not None:
+            self.ttft.append(ttft)
+
     def fail(self, what, counter):
         setattr(self, counter, getattr(self, counter) + 1)
         if len(self.failures) < 30:
@@ -369,26 +376,19 @@ class Load:
                     if res == "cancelled":
                         s.cancelled += 1
                     elif res == "ok":  # finished before the chosen chunk
-                        s.ok += 1
-                        s.tokens += val
-                        if ttft is not None:
-                            s.ttft.append(ttft)
+                        s.succeeded(val, ttft)
                     else:
                         s.fail(f"{label} {path}: {val}", "failed")
                 elif stream:
                     res, val, ttft = await self.stream(path, body, prog)
                     if res == "ok":
-                        s.ok += 1
-                        s.tokens += val
-                        if ttft is not None:
-                            s.ttft.append(ttft)
+                        s.succeeded(val, ttft)
                     else:
                         s.fail(f"{label} {path}: {val}", "failed")
                 else:
                     res, val = await self.plain(path, body, prog)
                     if res == "ok":
-                        s.ok += 1
-                        s.tokens += val
+                        s.succeeded(val, None)
                     else:
                         s.fail(f"{label} {path}: {val}", "failed")
                 s.last_done = time.monotonic()

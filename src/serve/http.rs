@@ -132,30 +132,29 @@ async fn method_not_allowed(req: HttpRequest) -> ApiError {
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
-    if s.engine.is_ready() {
+    let e = &s.engine;
+    if e.is_ready() {
         Json(json!({"status": "ok"})).into_response()
-    } else if s.engine.is_stopping() || s.engine.info().is_some() && s.engine.error().is_none() {
-        let mut r = (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "shutting_down"})),
-        )
-            .into_response();
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        r
-    } else if let Some(e) = s.engine.error() {
-        let body = json!({"status": "error", "error": e});
+    } else if let Some(err) = e.error() {
+        let body = json!({"status": "error", "error": err});
         (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+    } else if e.is_stopping() || e.info().is_some() {
+        unavailable("shutting_down")
     } else {
-        let mut r = (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading"})),
-        )
-            .into_response();
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        r
+        unavailable("loading")
     }
+}
+
+/// 503 `{"status": STATUS}` with `Retry-After: 1`.
+fn unavailable(status: &str) -> Response {
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "status": status })),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
