@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
                     );
                 }
                 Event::Error(e) => anyhow::bail!("{label}: {e}"),
+                Event::Refused(e) => anyhow::bail!("{label}: {e}"),
                 Event::Accepted { .. } => {}
             }
         }

@@ -341,7 +341,7 @@ fn bad_requests_name_their_field() {
 #[test]
 fn chat_deadline_and_shutdown_end_generation() {
     let _serial = serial();
-    let e = engine(2, 4);
+    let e = engine(1, 4);
     // A chat request through the template, ended by its deadline.
     let (_, done, _) = drain(
         e.submit(Request {
@@ -365,11 +365,20 @@ fn chat_deadline_and_shutdown_end_generation() {
         })
         .unwrap();
     first_text(&mut s);
+    // Waits for the only slot: shutdown refuses it for the engine's state, not as a bad request.
+    let waiting = e.submit(Request::new(Prompt::Text("Hi".into()))).unwrap();
     std::thread::scope(|sc| {
         sc.spawn(|| e.shutdown(Duration::ZERO));
         let (_, done, _) = drain(s);
         assert_eq!(done.unwrap().reason, FinishReason::Shutdown);
     });
+    let (_, done, events) = drain(waiting);
+    assert!(done.is_none());
+    assert_eq!(
+        events.last(),
+        Some(&Event::Refused(SubmitError::ShuttingDown)),
+        "{events:?}"
+    );
     assert!(matches!(
         e.submit(Request::new(Prompt::Text("Hi".into()))),
         Err(SubmitError::Failed(_) | SubmitError::ShuttingDown)

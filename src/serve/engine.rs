@@ -177,9 +177,13 @@ pub enum Event {
     Text(String),
     Done(Finish),
     Error(RequestError),
+    /// Refused for the engine's state, not the request's content: the server began shutting
+    /// down after the request was queued. Answered as [`Engine::submit`]'s error would be.
+    Refused(SubmitError),
 }
 
-/// A request's events, in order: `Accepted`, then `Text`s and `Done`, or one `Error`.
+/// A request's events, in order: `Accepted`, then `Text`s and `Done`, or one `Error` or
+/// `Refused` (before or after `Accepted`).
 /// Dropping it cancels the request; its slot is freed before the next decode step.
 pub struct Stream {
     rx: tmpsc::UnboundedReceiver<Event>,

@@ -166,6 +166,22 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     r
 }
 
+/// The answer to a request the engine would not take in its present state.
+fn refused(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::QueueFull { .. } => {
+            ApiError::new(429, "rate_limit_error", "queue_full", e.to_string())
+        }
+        SubmitError::Loading => loading(),
+        SubmitError::ShuttingDown => {
+            ApiError::new(503, "server_error", "shutting_down", e.to_string())
+        }
+        SubmitError::Failed(_) => {
+            ApiError::new(500, "server_error", "engine_failed", e.to_string())
+        }
+    }
+}
+
 fn loading() -> ApiError {
     ApiError::new(
         503,
@@ -260,24 +276,14 @@ async fn complete(
         });
     }
     parsed.request.deadline = Some(s.timeout);
-    let mut stream = s.engine.submit(parsed.request).map_err(|e| match e {
-        SubmitError::QueueFull { .. } => {
-            ApiError::new(429, "rate_limit_error", "queue_full", e.to_string())
-        }
-        SubmitError::Loading => loading(),
-        SubmitError::ShuttingDown => {
-            ApiError::new(503, "server_error", "shutting_down", e.to_string())
-        }
-        SubmitError::Failed(_) => {
-            ApiError::new(500, "server_error", "engine_failed", e.to_string())
-        }
-    })?;
+    let mut stream = s.engine.submit(parsed.request).map_err(refused)?;
     // The first event says whether the engine took the request.
     match stream.next().await {
         Some(Event::Accepted { .. }) => {}
         Some(Event::Error(e)) => {
             return Err(ApiError::bad(e.param.as_deref().unwrap_or(""), e.message))
         }
+        Some(Event::Refused(e)) => return Err(refused(e)),
         other => {
             return Err(ApiError::new(
                 500,
@@ -307,6 +313,7 @@ async fn complete(
                         e.message,
                     ))
                 }
+                Some(Event::Refused(e)) => return Err(refused(e)),
                 Some(Event::Accepted { .. }) => {}
                 None => {
                     return Err(ApiError::new(
@@ -379,6 +386,11 @@ async fn complete(
                 Some(Event::Error(e)) => {
                     let err = ApiError::new(500, "server_error", "engine_failed", e.message);
                     st.pending.push_back(data(err.body()));
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
+                    st.done = true;
+                }
+                Some(Event::Refused(e)) => {
+                    st.pending.push_back(data(refused(e).body()));
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
                     st.done = true;
                 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::engine::{
     EngineConfig, Event, Finish, FinishReason, Job, ModelInfo, Prompt, Request, RequestError,
-    Shared, LOADING, READY, STOPPING,
+    Shared, SubmitError, LOADING, READY, STOPPING,
 };
 use super::metrics::Metrics;
 use crate::chat::ChatTemplate;
@@ -143,10 +143,7 @@ pub(super) fn run(
         let mut intake = |job: Job| {
             if stopping {
                 shared.queued.fetch_sub(1, Ordering::SeqCst);
-                let _ = job.events.send(Event::Error(RequestError {
-                    param: None,
-                    message: "the server is shutting down".into(),
-                }));
+                let _ = job.events.send(Event::Refused(SubmitError::ShuttingDown));
                 return;
             }
             match ctx.check(&job.request) {
@@ -208,10 +205,7 @@ pub(super) fn run(
         if cut {
             for r in waiting.drain(..) {
                 shared.queued.fetch_sub(1, Ordering::SeqCst);
-                let _ = r.job.events.send(Event::Error(RequestError {
-                    param: None,
-                    message: "the server shut down before this request started".into(),
-                }));
+                let _ = r.job.events.send(Event::Refused(SubmitError::ShuttingDown));
             }
         }
         for q in 0..slots.len() {
