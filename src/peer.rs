@@ -27,6 +27,9 @@ fn backend() -> &'static LlamaBackend {
 
 pub struct LlamaCpp {
     model: LlamaModel,
+    /// Every layer on the GPU ([`LlamaCpp::load_gpu`]); otherwise nothing leaves the CPU,
+    /// even in a `--features cuda` build.
+    gpu: bool,
 }
 
 /// How the peer runs.
@@ -53,20 +56,29 @@ impl LlamaCpp {
     /// Loads as llama.cpp does by default: Q4_0, Q4_K, IQ4_NL and a few other types are
     /// repacked into interleaved layouts for its GEMM kernels (llama-cpp-2 does not expose
     /// `use_extra_bufts` to turn that off).
+    /// On the CPU: no layer on a GPU (llama.cpp's default offloads them all when it has one)
+    /// and, in [`LlamaCpp::context`], no op offloaded either.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        Self::load_with(path, false)
+        Self::load_with(path, false, false)
+    }
+
+    /// Every layer on the first GPU (llama.cpp's CUDA backend in a `--features cuda` build).
+    pub fn load_gpu(path: &Path) -> anyhow::Result<Self> {
+        Self::load_with(path, false, true)
     }
 
     /// Loads only the vocabulary (for tokenizer comparisons).
     pub fn load_vocab(path: &Path) -> anyhow::Result<Self> {
-        Self::load_with(path, true)
+        Self::load_with(path, true, false)
     }
 
-    fn load_with(path: &Path, vocab_only: bool) -> anyhow::Result<Self> {
-        let params = LlamaModelParams::default().with_vocab_only(vocab_only);
+    fn load_with(path: &Path, vocab_only: bool, gpu: bool) -> anyhow::Result<Self> {
+        let params = LlamaModelParams::default()
+            .with_vocab_only(vocab_only)
+            .with_n_gpu_layers(if gpu { 999 } else { 0 });
         let model = LlamaModel::load_from_file(backend(), path, &params)
             .map_err(|e| anyhow::anyhow!("llama.cpp could not load {}: {e}", path.display()))?;
-        Ok(LlamaCpp { model })
+        Ok(LlamaCpp { model, gpu })
     }
 
     /// llama.cpp's tokenization: `add_special` adds BOS/EOS as the metadata asks,
@@ -103,7 +115,9 @@ impl LlamaCpp {
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(batch)
-            .with_n_threads_batch(threads as i32);
+            .with_n_threads_batch(threads as i32)
+            .with_op_offload(self.gpu)
+            .with_offload_kqv(self.gpu);
         let params = match mode {
             PeerMode::Default => params.with_n_ubatch(batch).with_n_threads(threads as i32),
             PeerMode::Reference { ubatch } => params

@@ -111,6 +111,10 @@ impl<'m, H: Controller> Session<'m, H> {
     /// ones there (see [`crate::prompt_cache`]). Unused when the controller's prompt rows are
     /// not the full model's.
     pub fn with_prompt_cache(mut self, mut cache: PromptCache) -> Self {
+        if self.model.device.is_some() {
+            // Offloaded layers keep their keys and values on the device, not in `KvCache`.
+            return self;
+        }
         // Batches of another size or exactness give other bits.
         cache.bind((self.scratch.max_batch(), self.scratch.batch_exact));
         self.prompt_cache = Some(cache);

@@ -100,14 +100,35 @@ pub struct LoadArgs {
     /// pages, so memory stays about the same, and decode and prefill are faster).
     #[arg(long = "no-repack")]
     pub no_repack: bool,
+    /// Layers to run on the GPU, counted from the last as llama.cpp's `-ngl` (which is
+    /// accepted too); the head goes with the last layer. 0: CPU only. Needs a build with
+    /// `--features cuda` (docs/CUDA.md).
+    #[arg(long = "n-gpu-layers", value_name = "N", default_value_t = 0)]
+    pub n_gpu_layers: usize,
 }
 
 impl LoadArgs {
     pub fn options(&self) -> crate::model::LoadOptions {
         crate::model::LoadOptions {
             repack: !self.no_repack,
+            offload: (self.n_gpu_layers > 0).then_some(crate::model::Offload {
+                layers: self.n_gpu_layers,
+                device: crate::model::OffloadDevice::Gpu,
+            }),
+            ..Default::default()
         }
     }
+}
+
+/// The command line with llama.cpp's `-ngl N` / `-ngl=N` spelled `--n-gpu-layers`
+/// (clap's short options are one letter).
+fn llama_cpp_spellings(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.map(|a| match a.to_str() {
+        Some("-ngl") => "--n-gpu-layers".into(),
+        Some(s) if s.starts_with("-ngl=") => format!("--n-gpu-layers={}", &s[5..]).into(),
+        _ => a,
+    })
+    .collect()
 }
 
 impl ModelArgs {
@@ -492,7 +513,7 @@ pub fn outln(text: &str) -> anyhow::Result<()> {
 
 pub fn main() -> std::process::ExitCode {
     crate::interrupt::install();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(llama_cpp_spellings(std::env::args_os()));
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),

@@ -8,6 +8,7 @@
 //! besides the mmap in `gguf::reader`; every `unsafe` block carries a SAFETY comment.
 #![allow(unsafe_code)]
 
+pub mod graph;
 pub mod mul_mat_op;
 pub mod order;
 pub mod repack;

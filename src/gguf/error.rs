@@ -16,6 +16,8 @@ pub struct GgufError {
 pub enum ErrorKind {
     #[error("cannot read file: {0}")]
     Io(String),
+    #[error("cannot offload to the device: {0}")]
+    Device(String),
     #[error("truncated file: {what} at offset {offset} needs {need} bytes, only {have} remain")]
     Truncated {
         what: String,

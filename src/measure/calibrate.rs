@@ -77,7 +77,7 @@ impl Controller for Recorder {
         self.layer.resize(n, f32::NAN);
     }
 
-    fn observes_ffn(&self) -> bool {
+    fn observes_ffn_vectors(&self) -> bool {
         true
     }
 
@@ -93,7 +93,7 @@ impl Controller for Recorder {
         self.inputs[row * d..(row + 1) * d].copy_from_slice(x);
     }
 
-    fn after_ffn(&mut self, layer: usize, row: usize, before: &[f32], after: &[f32]) {
+    fn ffn_vectors(&mut self, layer: usize, row: usize, before: &[f32], after: &[f32]) {
         let d = after.len();
         let i = (self.base + row) * self.n_layer + layer;
         self.ffn[i] = cosine(before, after);

@@ -18,11 +18,13 @@
 use std::time::{Duration, Instant};
 
 use super::attention::{AttnScratch, Queries};
+use super::blocks::{flush, Blocks, CpuBlocks};
+use super::device::{DeviceBlocks, DeviceState};
 use super::{KvCache, Llama};
 use crate::ggml;
 use crate::ggml::order::rms_norm;
 use crate::gguf::GgmlType;
-use crate::skip::Controller;
+use crate::skip::{cosine, Controller};
 use crate::tensor::{self, matmul_group_in, Acts, Matrix, MAX_SPLITS};
 
 /// Which logits a forward call produces.
@@ -63,6 +65,8 @@ pub enum ForwardError {
     NoSequence { seq: usize, n_seq: usize },
     #[error("the rows of sequence {seq} are not consecutive in the batch")]
     SeqNotContiguous { seq: usize },
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// One forward call's input.
@@ -78,17 +82,17 @@ pub struct Batch<'t> {
 /// the first time a batch that large asks for every row's logits, and are reused after.
 /// Shapes are row-major; `kv_dim = n_head_kv · head_dim`.
 pub struct Scratch {
-    max_batch: usize,
+    pub(super) max_batch: usize,
     /// Absolute position of each row of the batch `[B]`.
-    positions: Vec<usize>,
+    pub(super) positions: Vec<usize>,
     /// Each row's sequence (its KV cache) `[B]`.
-    seqs: Vec<usize>,
+    pub(super) seqs: Vec<usize>,
     /// Positions each row attends over (its sequence's cached length after this call) `[B]`.
-    ends: Vec<usize>,
+    pub(super) ends: Vec<usize>,
     /// Rows of each row's sequence in this call `[B]`.
     rows_in_seq: Vec<usize>,
     /// Residual stream `[B, n_embd]`: inpL, then ffn_inp, then l_out (the next layer's inpL).
-    x: Vec<f32>,
+    pub(super) x: Vec<f32>,
     /// Normed rows `[B, n_embd]` (attn_norm, ffn_norm, result_norm), reused for the SwiGLU
     /// output `[B, n_ff]`; sized `[B, max(n_embd, n_ff)]`.
     xn: Vec<f32>,
@@ -113,11 +117,17 @@ pub struct Scratch {
     /// Attention output head-major `[n_head, B, head_dim]`, as the workers write it.
     att_hm: Vec<f32>,
     /// Copies of the ffn_inp rows whose FFN runs `[B, n_embd]`, for controllers that observe.
-    ffn_inp: Vec<f32>,
+    pub(super) ffn_inp: Vec<f32>,
+    /// cos(ffn_inp, l_out) of the rows in `cos_rows` `[≤ B]`, for [`Controller::after_ffn`].
+    pub(super) cos: Vec<f32>,
+    pub(super) cos_rows: Vec<usize>,
+    /// The device backend's state (KV caches and residual stream on the device), made on
+    /// the first forward call of a model with offloaded layers.
+    pub(super) device: Option<super::device::DeviceState>,
     /// Rows whose FFN runs this layer `[≤ B]`.
-    ffn_rows: Vec<usize>,
+    pub(super) ffn_rows: Vec<usize>,
     /// Rows that have not exited `[≤ B]`, and their positions `[≤ B]`.
-    active: Vec<usize>,
+    pub(super) active: Vec<usize>,
     act_pos: Vec<usize>,
     /// The active rows' sequences and attended lengths `[≤ B]`.
     act_seq: Vec<usize>,
@@ -128,9 +138,9 @@ pub struct Scratch {
     /// One per attention worker (≤ `MAX_SPLITS`), each sized for `n_ctx` positions.
     attn: Vec<AttnScratch>,
     /// The last row's logits `[n_vocab]` (`Logits::Last`).
-    logits: Vec<f32>,
+    pub(super) logits: Vec<f32>,
     /// Every row's logits `[n, n_vocab]` (`Logits::All`; grown once).
-    logits_all: Vec<f32>,
+    pub(super) logits_all: Vec<f32>,
     pub times: StageTimes,
     /// Batches give the bits of the same rows decoded one at a time: products whose GEMM
     /// would differ run row by row, attention takes the one-token path (on by default here;
@@ -163,6 +173,9 @@ impl Scratch {
             att: vec![0.0; b * c.n_embd],
             att_hm: vec![0.0; b * c.n_embd],
             ffn_inp: vec![0.0; b * c.n_embd],
+            cos: Vec::with_capacity(b),
+            cos_rows: Vec::with_capacity(b),
+            device: None,
             ffn_rows: Vec::with_capacity(b),
             active: Vec::with_capacity(b),
             act_pos: Vec::with_capacity(b),
@@ -206,6 +219,13 @@ fn grown(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
         buf.resize(n, 0.0);
     }
     &mut buf[..n]
+}
+
+/// Rows `rows` of `x` (`[·, d]`) packed into `out` (`[rows.len(), d]`).
+fn copy_rows(x: &[f32], rows: &[usize], d: usize, out: &mut [f32]) {
+    for (j, &i) in rows.iter().enumerate() {
+        out[j * d..(j + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
+    }
 }
 
 /// Quantizes `batch` rows of `x` (`[batch, n]`) once per distinct activation layout among
@@ -318,20 +338,82 @@ impl Llama<'_> {
         }
         controller.begin(&s.positions, batch.prompt);
 
-        // ---- inpL: token embeddings and the rows' RoPE angles ----
+        // ---- inpL: token embeddings and the rows' RoPE angles (on the host) ----
         self.embed(batch.tokens, s);
 
-        // ---- layers: inpL → attn_out → ffn_inp → ffn_out → l_out ----
-        for l in 0..self.config.n_layer {
-            self.layer(l, caches, s, controller);
-        }
+        // ---- layers on the CPU, then those offloaded to the device; the head where the
+        // last layer ran ----
+        let mut device = match &self.device {
+            Some(m) => Some(match s.device.take() {
+                Some(state) => state,
+                None => m.new_state(&self.config, s.max_batch)?,
+            }),
+            None => None,
+        };
+        let run = self.layers(caches, s, controller, device.as_mut());
         controller.end();
         for (&q, &end) in s.seqs.iter().zip(&s.ends) {
             caches[q].len = end;
         }
+        let run = run.and_then(|()| match (&self.device, device.as_mut()) {
+            (Some(m), Some(state)) => {
+                DeviceBlocks::new(m, state, caches, &self.config).head(s, batch.logits)
+            }
+            _ => {
+                self.head(s, batch.logits);
+                Ok(())
+            }
+        });
+        if device.is_some() {
+            s.device = device;
+        }
+        run?;
+        // Where `head` left them: one row's in `logits`, more in `logits_all`.
+        Ok(match batch.logits {
+            Logits::None => &[],
+            Logits::Last => &s.logits,
+            Logits::All if b == 1 => &s.logits,
+            Logits::All => &s.logits_all[..b * self.config.n_vocab],
+        })
+    }
 
-        // ---- result_norm → result_output ----
-        Ok(self.head(s, batch.logits))
+    /// Every layer in order: those below the device's first on the CPU, the rest on the
+    /// device (the residual stream moves there once, before the first of them).
+    fn layers<C: Controller>(
+        &self,
+        caches: &mut [KvCache],
+        s: &mut Scratch,
+        controller: &mut C,
+        mut device: Option<&mut DeviceState>,
+    ) -> Result<(), ForwardError> {
+        let n = self.config.n_layer;
+        let first_device = self.device.as_ref().map_or(n, |m| m.first_layer());
+        let mut pending = None;
+        for l in 0..n {
+            match (&self.device, device.as_deref_mut()) {
+                (Some(m), Some(state)) if l >= first_device => {
+                    let mut blocks = DeviceBlocks::new(m, state, caches, &self.config);
+                    if l == first_device {
+                        flush(&mut pending, &mut CpuBlocks::default(), s, controller)?;
+                        blocks.push(s)?;
+                    }
+                    self.layer(l, &mut blocks, s, controller, &mut pending)?;
+                }
+                _ => {
+                    let mut blocks = CpuBlocks::new(self, caches);
+                    self.layer(l, &mut blocks, s, controller, &mut pending)?;
+                }
+            }
+        }
+        match (&self.device, device) {
+            (Some(m), Some(state)) if first_device < n => flush(
+                &mut pending,
+                &mut DeviceBlocks::new(m, state, caches, &self.config),
+                s,
+                controller,
+            ),
+            _ => flush(&mut pending, &mut CpuBlocks::default(), s, controller),
+        }
     }
 
     /// The errors a batch can have before anything is computed.
@@ -385,21 +467,26 @@ impl Llama<'_> {
         }
     }
 
-    /// Layer `l` for every row of the batch, `s.x` from inpL to l_out. The controller may
-    /// remove the whole layer, freeze rows that exited, and skip the FFN per row.
+    /// Layer `l` for every row of the batch, `s.x` from inpL to l_out, on `blocks`. The
+    /// controller may remove the whole layer, freeze rows that exited, and skip the FFN per
+    /// row. The previous layer's cosines (`pending`) reach the controller once this layer's
+    /// attention is queued, before its first decision.
     fn layer<C: Controller>(
         &self,
         l: usize,
-        caches: &mut [KvCache],
+        blocks: &mut dyn Blocks,
         s: &mut Scratch,
         controller: &mut C,
-    ) {
+        pending: &mut Option<usize>,
+    ) -> Result<(), ForwardError> {
         let d = self.config.n_embd;
         let b = s.positions.len();
         if !controller.layer_runs(l) {
-            return;
+            return Ok(());
         }
         if controller.observes_layers() {
+            flush(pending, blocks, s, controller)?;
+            blocks.pull(s)?;
             for (i, inp_l) in s.x[..b * d].chunks_exact(d).enumerate() {
                 controller.layer_input(l, i, inp_l);
             }
@@ -422,37 +509,69 @@ impl Llama<'_> {
 
         // ---- attn_norm → Qcur/Kcur/Vcur → RoPE → KV cache → attn_out; ffn_inp ----
         let t0 = Instant::now();
-        self.attention_block(l, caches, s);
+        blocks.attention(l, s)?;
         let t1 = Instant::now();
         s.times.attention += t1 - t0;
+        flush(pending, blocks, s, controller)?;
         if s.active.is_empty() {
-            return;
+            return Ok(());
         }
 
         // ---- ffn_inp: the controller decides per row whether the FFN runs ----
         s.ffn_rows.clear();
-        for &i in &s.active {
-            if controller.run_ffn(l, i, &s.x[i * d..(i + 1) * d]) {
+        let mut compensated = false;
+        for j in 0..s.active.len() {
+            let i = s.active[j];
+            if controller.run_ffn(l, i) {
                 s.ffn_rows.push(i);
-            } else {
+            } else if controller.compensates() {
                 // l_out = ffn_inp + the controller's estimate of the skipped FFN's output.
+                if !compensated {
+                    blocks.pull(s)?;
+                    compensated = true;
+                }
                 controller.compensate(l, i, &mut s.x[i * d..(i + 1) * d]);
             }
         }
+        if compensated {
+            blocks.push(s)?;
+        }
         if s.ffn_rows.is_empty() {
-            return;
+            return Ok(());
         }
 
         // ---- ffn_norm → ffn_gate/ffn_up → SwiGLU → ffn_down = ffn_out; l_out ----
-        self.ffn_block(l, s, controller);
+        let vectors = controller.observes_ffn_vectors();
+        if vectors {
+            blocks.pull(s)?;
+            copy_rows(&s.x, &s.ffn_rows, d, &mut s.ffn_inp);
+        }
+        let cos = controller.observes_ffn();
+        blocks.ffn(l, s, cos)?;
+        if vectors {
+            blocks.pull(s)?;
+            for (j, &i) in s.ffn_rows.iter().enumerate() {
+                let before = &s.ffn_inp[j * d..(j + 1) * d];
+                controller.ffn_vectors(l, i, before, &s.x[i * d..(i + 1) * d]);
+            }
+        }
+        if cos {
+            s.cos_rows.clear();
+            s.cos_rows.extend_from_slice(&s.ffn_rows);
+            *pending = Some(l);
+            if vectors || controller.observes_layers() {
+                flush(pending, blocks, s, controller)?;
+            }
+        }
         s.times.ffn += t1.elapsed();
+        Ok(())
     }
 
     /// Attention half of layer `l` for the rows of `s.positions`: attn_norm, Qcur/Kcur/Vcur in
     /// one parallel region, RoPE, K/V into the cache for every row; then attention,
     /// attn_output (`attn_out`) and `ffn_inp = attn_out + inpL` for the rows in `s.active` only
     /// (exited rows keep their state).
-    fn attention_block(&self, l: usize, caches: &mut [KvCache], s: &mut Scratch) {
+    pub(super) fn attention_block(&self, l: usize, caches: &mut [KvCache], s: &mut Scratch) {
         let c = &self.config;
         let lw = &self.weights.layers[l];
         let (d, kv, hd, rd) = (c.n_embd, c.kv_dim(), c.head_dim, c.rope_dim);
@@ -570,14 +689,14 @@ impl Llama<'_> {
     }
 
     /// FFN half of layer `l` for the rows in `s.ffn_rows`: ffn_norm, ffn_gate/ffn_up in one
-    /// parallel region, SwiGLU, ffn_down (`ffn_out`), `l_out = ffn_out + ffn_inp`; the
-    /// controller observes (ffn_inp, l_out) per row if it asks to.
-    fn ffn_block<C: Controller>(&self, l: usize, s: &mut Scratch, controller: &mut C) {
+    /// parallel region, SwiGLU, ffn_down (`ffn_out`), `l_out = ffn_out + ffn_inp`; with
+    /// `cos`, cos(ffn_inp, l_out) per row into `s.cos` (`[r]`).
+    pub(super) fn ffn_block(&self, l: usize, s: &mut Scratch, cos: bool) {
         let c = &self.config;
         let lw = &self.weights.layers[l];
         let (d, ff) = (c.n_embd, c.n_ff);
         let r = s.ffn_rows.len();
-        let observe = controller.observes_ffn();
+        let observe = cos;
 
         // ffn_norm: [r, n_embd], the running rows packed to the front.
         let (x, rows) = (&s.x, &s.ffn_rows);
@@ -586,9 +705,7 @@ impl Llama<'_> {
             rms_norm(&x[i * d..(i + 1) * d], &lw.ffn_norm, c.rms_eps, xn)
         });
         if observe {
-            for (j, &i) in s.ffn_rows.iter().enumerate() {
-                s.ffn_inp[j * d..(j + 1) * d].copy_from_slice(&s.x[i * d..(i + 1) * d]);
-            }
+            copy_rows(&s.x, &s.ffn_rows, d, &mut s.ffn_inp);
         }
 
         // ffn_gate and ffn_up: [2][r, n_ff].
@@ -625,16 +742,17 @@ impl Llama<'_> {
         tensor::add_rows(ffn_out, d, &s.ffn_rows, &mut s.x);
 
         if observe {
+            s.cos.clear();
             for (j, &i) in s.ffn_rows.iter().enumerate() {
                 let ffn_inp = &s.ffn_inp[j * d..(j + 1) * d];
-                controller.after_ffn(l, i, ffn_inp, &s.x[i * d..(i + 1) * d]);
+                s.cos.push(cosine(ffn_inp, &s.x[i * d..(i + 1) * d]));
             }
         }
     }
 
     /// result_norm (output_norm of l_out) and result_output (the output head) for the rows
     /// `logits` asks for: `[n_vocab]` for `Last`, `[B, n_vocab]` for `All`, empty for `None`.
-    fn head<'s>(&self, s: &'s mut Scratch, logits: Logits) -> &'s [f32] {
+    pub(super) fn head<'s>(&self, s: &'s mut Scratch, logits: Logits) -> &'s [f32] {
         let c = &self.config;
         let (d, nv) = (c.n_embd, c.n_vocab);
         let b = s.positions.len();

@@ -2,13 +2,16 @@
 //! one forward function used for both batched prefill and single-token decode.
 
 mod attention;
+mod blocks;
 mod config;
+mod device;
 mod forward;
 mod kv_cache;
 mod rope;
 mod weights;
 
 pub use config::{Arch, LlamaConfig, RopeMode, RopeScaling};
+pub use device::{DeviceModel, DeviceSummary, Offload, OffloadDevice};
 pub use forward::{Batch, ForwardError, Logits, Scratch, StageTimes};
 pub use kv_cache::{KvCache, KvPrefix};
 pub use weights::{LayerWeights, Weights};
@@ -23,11 +26,19 @@ pub struct LoadOptions {
     /// interleaved layout and run its GEMV/GEMM kernels on them, as llama.cpp does by default (its
     /// `--no-repack` turns that off). The copy replaces the mapped pages in memory.
     pub repack: bool,
+    /// Layers to run on a device (`-ngl N`); `None` (or 0 layers): all on the CPU.
+    pub offload: Option<Offload>,
+    /// Threads of ggml's CPU backend when that is the offload device.
+    pub device_threads: usize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { repack: true }
+        LoadOptions {
+            repack: true,
+            offload: None,
+            device_threads: 1,
+        }
     }
 }
 
@@ -36,6 +47,8 @@ pub struct Llama<'a> {
     pub config: LlamaConfig,
     pub weights: Weights<'a>,
     rope: Rope,
+    /// The offloaded layers' weights on the device (`LoadOptions::offload`).
+    pub device: Option<DeviceModel>,
 }
 
 impl<'a> Llama<'a> {
@@ -54,12 +67,19 @@ impl<'a> Llama<'a> {
             weights.repack(file);
         }
         let rope = Rope::new(&config, weights.rope_freqs.clone());
-        Ok(Llama {
+        let mut model = Llama {
             file,
             config,
             weights,
             rope,
-        })
+            device: None,
+        };
+        if let Some(o) = options.offload.filter(|o| o.layers > 0) {
+            let d = DeviceModel::load(file, &model.config, &model, o, options.device_threads)
+                .map_err(|e| file.error(crate::gguf::ErrorKind::Device(e)))?;
+            model.device = Some(d);
+        }
+        Ok(model)
     }
 
     /// A KV cache for `n_ctx` positions.

@@ -3,7 +3,7 @@
 //! hidden states, so a batch decides exactly as token-by-token decoding does.
 
 use super::stats::{Decision, SkipStats, TokenDecisions};
-use super::{cosine, Controller, Policy, SkipParams, TokenRng};
+use super::{Controller, Policy, SkipParams, TokenRng};
 
 /// Weight bytes per layer, for the bytes-not-read statistic.
 #[derive(Clone, Debug, Default)]
@@ -203,13 +203,17 @@ impl Controller for SkipController {
             && self.trace[row * self.params.n_layer + layer] == Decision::Exited
     }
 
+    fn compensates(&self) -> bool {
+        !self.params.ffn_estimate.is_empty()
+    }
+
     fn compensate(&mut self, layer: usize, _row: usize, h: &mut [f32]) {
         if let Some(m) = self.params.ffn_estimate.get(layer) {
             m.add_to(h, &mut self.z);
         }
     }
 
-    fn run_ffn(&mut self, layer: usize, row: usize, _ffn_inp: &[f32]) -> bool {
+    fn run_ffn(&mut self, layer: usize, row: usize) -> bool {
         let n = self.params.n_layer;
         match self.params.policy {
             Policy::None | Policy::Shortgpt | Policy::EarlyExit | Policy::Auto => true,
@@ -253,10 +257,10 @@ impl Controller for SkipController {
         self.params.policy.is_adaptive() && !self.prompt
     }
 
-    fn after_ffn(&mut self, _layer: usize, row: usize, before: &[f32], after: &[f32]) {
+    fn after_ffn(&mut self, _layer: usize, row: usize, cos: f32) {
         let r = &mut self.rows[row];
         if r.budget > 0 && !r.used {
-            r.last_cos = cosine(before, after);
+            r.last_cos = cos;
         }
     }
 
@@ -303,7 +307,7 @@ mod tests {
     //! in the order `model::forward` calls them, exact decisions asserted per policy.
 
     use super::*;
-    use crate::skip::Schedule;
+    use crate::skip::{cosine, Schedule};
 
     const N: usize = 10;
 
@@ -395,7 +399,7 @@ mod tests {
             }
             let mut ran = Vec::new();
             for i in active {
-                let run = c.run_ffn(l, i, &x);
+                let run = c.run_ffn(l, i);
                 seen[i].push(if run { 'F' } else { 's' });
                 if run {
                     ran.push(i);
@@ -404,7 +408,7 @@ mod tests {
             if c.observes_ffn() {
                 for i in ran {
                     let (before, after) = pair(cos(positions[i], l));
-                    c.after_ffn(l, i, &before, &after);
+                    c.after_ffn(l, i, cosine(&before, &after));
                 }
             }
         }

@@ -27,8 +27,11 @@ pub use stats::{Decision, SkipStats, TokenDecisions};
 ///
 /// Call order per forward call: `begin`; then per layer `l`: `layer_runs(l)` once; per row
 /// `layer_input` (if [`Controller::observes_layers`]) and `exited(l, row)`; per row that has
-/// not exited `run_ffn(l, row, ffn_inp)`; per row whose FFN ran `after_ffn` (if
-/// [`Controller::observes_ffn`]); finally `end`.
+/// not exited `run_ffn(l, row)` (then `compensate` if it said no); per row whose FFN ran
+/// `ffn_vectors` (if [`Controller::observes_ffn_vectors`]) at once, and `after_ffn` with the
+/// cosine (if [`Controller::observes_ffn`]) before the next `run_ffn` or `end` — after the
+/// next layer's attention has been queued, so a GPU hides the wait for the cosine behind it;
+/// finally `end`.
 pub trait Controller: Send {
     /// Start of a forward call over rows at `positions` (ascending within a sequence; a
     /// batch of several sequences goes through [`PerSequence`]); `prompt` is true for prompt
@@ -51,10 +54,10 @@ pub trait Controller: Send {
         false
     }
 
-    /// At `ffn_inp` (`h = x + attn`, `[n_embd]`) of `layer` for batch row `row`: whether the
-    /// FFN block runs. When it does not, the layer output is `h`.
+    /// At `ffn_inp` (`h = x + attn`) of `layer` for batch row `row`: whether the FFN block
+    /// runs. When it does not, the layer output is `h`.
     #[inline]
-    fn run_ffn(&mut self, _layer: usize, _row: usize, _ffn_inp: &[f32]) -> bool {
+    fn run_ffn(&mut self, _layer: usize, _row: usize) -> bool {
         true
     }
 
@@ -63,10 +66,24 @@ pub trait Controller: Send {
     #[inline]
     fn compensate(&mut self, _layer: usize, _row: usize, _h: &mut [f32]) {}
 
-    /// Whether [`Controller::after_ffn`] is wanted in this call (the forward pass keeps a copy
-    /// of `ffn_inp` only then).
+    /// Whether [`Controller::compensate`] may change anything in this call (a GPU backend
+    /// then copies the residual stream to the host and back).
+    #[inline]
+    fn compensates(&self) -> bool {
+        false
+    }
+
+    /// Whether [`Controller::after_ffn`] is wanted in this call (the FFN block computes the
+    /// cosine only then).
     #[inline]
     fn observes_ffn(&self) -> bool {
+        false
+    }
+
+    /// Whether [`Controller::ffn_vectors`] is wanted in this call (calibration; a GPU
+    /// backend then copies the residual stream to the host twice per layer).
+    #[inline]
+    fn observes_ffn_vectors(&self) -> bool {
         false
     }
 
@@ -79,9 +96,13 @@ pub trait Controller: Send {
     /// The residual stream entering `layer` for `row` (`[n_embd]`).
     fn layer_input(&mut self, _layer: usize, _row: usize, _x: &[f32]) {}
 
+    /// After the FFN ran for `row`: [`cosine`]`(h, h + ffn)` between the residual stream
+    /// before and after it (FFN-SkipLLM's criterion).
+    fn after_ffn(&mut self, _layer: usize, _row: usize, _cos: f32) {}
+
     /// After the FFN ran for `row`: the residual stream before (`h`) and after (`h + ffn`,
-    /// which is also the layer's output).
-    fn after_ffn(&mut self, _layer: usize, _row: usize, _before: &[f32], _after: &[f32]) {}
+    /// which is also the layer's output), `[n_embd]` each.
+    fn ffn_vectors(&mut self, _layer: usize, _row: usize, _before: &[f32], _after: &[f32]) {}
 
     /// End of the forward call (after the last layer, before the head).
     fn end(&mut self) {}

@@ -93,9 +93,9 @@ impl<C: Controller> Controller for PerSequence<C> {
         c.exited(layer, i)
     }
 
-    fn run_ffn(&mut self, layer: usize, row: usize, ffn_inp: &[f32]) -> bool {
+    fn run_ffn(&mut self, layer: usize, row: usize) -> bool {
         let (c, i) = self.at(row);
-        c.run_ffn(layer, i, ffn_inp)
+        c.run_ffn(layer, i)
     }
 
     fn compensate(&mut self, layer: usize, row: usize, h: &mut [f32]) {
@@ -107,6 +107,20 @@ impl<C: Controller> Controller for PerSequence<C> {
         self.involved
             .iter()
             .any(|&q| self.slots[q].as_ref().is_some_and(|c| c.observes_ffn()))
+    }
+
+    fn compensates(&self) -> bool {
+        self.involved
+            .iter()
+            .any(|&q| self.slots[q].as_ref().is_some_and(|c| c.compensates()))
+    }
+
+    fn observes_ffn_vectors(&self) -> bool {
+        self.involved.iter().any(|&q| {
+            self.slots[q]
+                .as_ref()
+                .is_some_and(|c| c.observes_ffn_vectors())
+        })
     }
 
     fn observes_layers(&self) -> bool {
@@ -122,10 +136,17 @@ impl<C: Controller> Controller for PerSequence<C> {
         }
     }
 
-    fn after_ffn(&mut self, layer: usize, row: usize, before: &[f32], after: &[f32]) {
+    fn after_ffn(&mut self, layer: usize, row: usize, cos: f32) {
         let (c, i) = self.at(row);
         if c.observes_ffn() {
-            c.after_ffn(layer, i, before, after);
+            c.after_ffn(layer, i, cos);
+        }
+    }
+
+    fn ffn_vectors(&mut self, layer: usize, row: usize, before: &[f32], after: &[f32]) {
+        let (c, i) = self.at(row);
+        if c.observes_ffn_vectors() {
+            c.ffn_vectors(layer, i, before, after);
         }
     }
 
