@@ -28,12 +28,13 @@ ARCHS=${CMAKE_CUDA_ARCHITECTURES:-90}
 root=$PWD/target/cuda-toolkit
 cu=$root/py/nvidia/cu13
 
-if [ ! -x "$cu/bin/nvcc" ] || [ ! -x "$cu/nvvm/bin/cicc" ]; then
+if [ ! -x "$cu/bin/nvcc" ] || [ ! -x "$cu/nvvm/bin/cicc" ] || [ ! -f "$cu/include/crt/host_config.h" ]; then
   echo "installing the CUDA $CUDA_VERSION toolkit wheels into $root/py" >&2
-  python3 -m pip install --quiet --no-deps --target "$root/py" \
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    --no-deps --upgrade --target "$root/py" \
     "nvidia-cuda-nvcc==$CUDA_VERSION.*" "nvidia-nvvm==$CUDA_VERSION.*" \
-    "nvidia-cuda-runtime==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*" \
-    "nvidia-cublas==$CUDA_VERSION.*" >&2
+    "nvidia-cuda-crt==$CUDA_VERSION.*" "nvidia-cuda-runtime==$CUDA_VERSION.*" \
+    "nvidia-cuda-cccl==$CUDA_VERSION.*" "nvidia-cublas==$CUDA_VERSION.*" >&2
 fi
 
 # The toolkit layout CMake's FindCUDAToolkit and llama-cpp-sys-2 look for: lib64, unversioned
@@ -56,6 +57,12 @@ if [ ! -f "$stubs/libcuda.so" ]; then
 fi
 
 "$cu/bin/nvcc" --version | tail -2 >&2
+
+# A configure that failed (e.g. before a wheel was added) leaves a cache the sys crate's
+# build script takes as done; start that one over.
+for b in target/cuda/release/build/llama-cpp-sys-2-*/out/build; do
+  if [ -f "$b/CMakeCache.txt" ] && [ ! -f "$b/Makefile" ]; then rm -rf "$b"; fi
+done
 
 export PATH="$cu/bin:$PATH"
 export CUDA_LIBRARY_PATH="$cu:$root/stubs"

@@ -59,26 +59,34 @@ impl LlamaCpp {
     /// On the CPU: no layer on a GPU (llama.cpp's default offloads them all when it has one)
     /// and, in [`LlamaCpp::context`], no op offloaded either.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        Self::load_with(path, false, false)
+        Self::load_with(path, false, 0)
     }
 
     /// Every layer on the first GPU (llama.cpp's CUDA backend in a `--features cuda` build).
     pub fn load_gpu(path: &Path) -> anyhow::Result<Self> {
-        Self::load_with(path, false, true)
+        Self::load_offloaded(path, 999)
+    }
+
+    /// The last `layers` layers on the first GPU (llama.cpp's `-ngl`); 0 is [`LlamaCpp::load`].
+    pub fn load_offloaded(path: &Path, layers: u32) -> anyhow::Result<Self> {
+        Self::load_with(path, false, layers)
     }
 
     /// Loads only the vocabulary (for tokenizer comparisons).
     pub fn load_vocab(path: &Path) -> anyhow::Result<Self> {
-        Self::load_with(path, true, false)
+        Self::load_with(path, true, 0)
     }
 
-    fn load_with(path: &Path, vocab_only: bool, gpu: bool) -> anyhow::Result<Self> {
+    fn load_with(path: &Path, vocab_only: bool, gpu_layers: u32) -> anyhow::Result<Self> {
         let params = LlamaModelParams::default()
             .with_vocab_only(vocab_only)
-            .with_n_gpu_layers(if gpu { 999 } else { 0 });
+            .with_n_gpu_layers(gpu_layers);
         let model = LlamaModel::load_from_file(backend(), path, &params)
             .map_err(|e| anyhow::anyhow!("llama.cpp could not load {}: {e}", path.display()))?;
-        Ok(LlamaCpp { model, gpu })
+        Ok(LlamaCpp {
+            model,
+            gpu: gpu_layers > 0,
+        })
     }
 
     /// llama.cpp's tokenization: `add_special` adds BOS/EOS as the metadata asks,

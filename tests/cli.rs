@@ -122,6 +122,39 @@ fn inspect_reports_hyperparameters_quant_mix_tokenizer_and_simd() {
     }
     #[cfg(target_arch = "x86_64")]
     assert!(s.contains("AVX2"), "{s}");
+    #[cfg(not(feature = "cuda"))]
+    assert!(
+        s.contains(
+            "devices      CPU (CPU); CPU-only build (-ngl needs --features cuda: docs/CUDA.md)"
+        ),
+        "{s}"
+    );
+}
+
+/// `-ngl N` (llama.cpp's spelling) without a GPU: an error that names the flag, the devices
+/// ggml has and the build that offloads; nothing runs.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn ngl_without_a_gpu_is_a_clear_error() {
+    let model = common::default_model();
+    let m = model.to_str().expect("path");
+    for flag in [&["-ngl", "99"][..], &["-ngl=99"], &["--n-gpu-layers", "99"]] {
+        let mut args = vec!["generate", "-m", m, "-p", "Hi", "-n", "2"];
+        args.extend_from_slice(flag);
+        let out = ffnskip(&args);
+        assert!(!out.status.success(), "{flag:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "{}: cannot offload to the device: -ngl 99: ggml has no such device (it has: \
+                 CPU (CPU)); offloading to a GPU needs a build with --features cuda \
+                 (scripts/build-cuda.sh)",
+                model.display()
+            )),
+            "{flag:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{flag:?}");
+    }
 }
 
 #[test]

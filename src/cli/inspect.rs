@@ -31,6 +31,36 @@ fn mb(bytes: u64) -> String {
     format!("{:.2} MB", bytes as f64 / 1e6)
 }
 
+/// ggml's devices (GPUs first, then the CPU), with memory for GPUs, and whether `-ngl`
+/// can use one.
+fn devices() -> String {
+    use crate::ggml::graph::{Device, DeviceKind};
+    let all: Vec<String> = Device::all()
+        .iter()
+        .map(|d| {
+            let i = d.info();
+            match i.kind {
+                DeviceKind::Cpu => format!("{} (CPU)", i.name),
+                k => format!(
+                    "{} ({}, {}, {:.1} of {:.1} GiB free)",
+                    i.name,
+                    k.as_str(),
+                    i.description,
+                    i.memory_free as f64 / (1u64 << 30) as f64,
+                    i.memory_total as f64 / (1u64 << 30) as f64
+                ),
+            }
+        })
+        .collect();
+    let gpu = Device::first(DeviceKind::Gpu).is_some();
+    let note = match (cfg!(feature = "cuda"), gpu) {
+        (_, true) => "; -ngl N offloads to the first GPU",
+        (true, false) => "; built with CUDA, but no GPU is visible (-ngl needs one)",
+        (false, false) => "; CPU-only build (-ngl needs --features cuda: docs/CUDA.md)",
+    };
+    format!("{}{note}", all.join(", "))
+}
+
 /// The whole report as text.
 pub fn report(f: &GgufFile, all_metadata: bool) -> String {
     let mut s = String::new();
@@ -126,6 +156,7 @@ pub fn report(f: &GgufFile, all_metadata: bool) -> String {
         crate::ggml::cpu_features().join(" ")
     );
     let _ = writeln!(s, "build        {}", rust_target_features());
+    let _ = writeln!(s, "devices      {}", devices());
     // What `Weights::repack` repacks: product matrices (not the embedding) of types ggml
     // repacks on this CPU.
     let (mut n_packed, mut packed_bytes) = (0usize, 0u64);

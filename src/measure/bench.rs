@@ -145,6 +145,9 @@ pub struct BenchRow {
     pub gb_per_s: f64,
     /// Highest 1-minute load average seen after a repetition (Linux `/proc/loadavg`).
     pub load_average_max: Option<f64>,
+    /// Median time per decoded token spent waiting for the cosines skip decisions read
+    /// (µs; 0 on the CPU, where they are computed in line).
+    pub decision_wait_us_per_token: f64,
 }
 
 /// The 1-minute load average, where the system reports one.
@@ -238,7 +241,11 @@ pub fn bench_model(
 ) -> anyhow::Result<Vec<BenchRow>> {
     let file = GgufFile::open(path)?;
     let model = Llama::load_with(&file, cfg.load)?;
-    let peer = LlamaCpp::load(path)?;
+    // llama.cpp offloads as many layers as we do (`-ngl`), and nothing else.
+    let peer = match cfg.load.offload {
+        Some(o) => LlamaCpp::load_offloaded(path, o.layers.min(999) as u32)?,
+        None => LlamaCpp::load(path)?,
+    };
     let n_ctx = (cfg.prompt_tokens + cfg.gen_tokens + 32).max(256);
     let mut peer_ctx = peer.context(n_ctx as u32, cfg.threads, PeerMode::Default)?;
     let text = FILLER.repeat(cfg.prompt_tokens / 8 + 8);
@@ -269,6 +276,7 @@ pub fn bench_model(
     let mut load_max: Option<f64> = None;
     let mut skipped_bytes = vec![0f64; n];
     let mut ratio = vec![0f64; n];
+    let mut wait = vec![Vec::new(); n];
     for rep in 0..=cfg.reps {
         // llama.cpp: decode after a 16-token prompt, then prefill.
         peer_ctx.clear();
@@ -290,14 +298,17 @@ pub fn bench_model(
             s.reset();
             s.controller.reset_stats();
             let mut t = argmax(s.prefill(&prompt[..16])?);
+            let waited = s.stage_times().decision_wait;
             let start = Instant::now();
             for _ in 0..cfg.gen_tokens {
                 t = argmax(s.decode(t)?);
             }
             let secs = start.elapsed().as_secs_f64();
+            let waited = (s.stage_times().decision_wait - waited).as_secs_f64();
             let st = &s.controller.stats;
             if rep > 0 {
                 tg[i].push(cfg.gen_tokens as f64 / secs);
+                wait[i].push(waited * 1e6 / cfg.gen_tokens as f64);
                 skipped_bytes[i] = st.bytes_skipped as f64 / st.decoded_tokens.max(1) as f64;
                 ratio[i] = st.ratio();
             }
@@ -359,6 +370,7 @@ pub fn bench_model(
                 weight_bytes_per_token: bytes,
                 gb_per_s: bytes * d.median / 1e9,
                 load_average_max: load_max,
+                decision_wait_us_per_token: Summary::of(&wait[i]).median,
             }
         })
         .collect())
@@ -400,6 +412,17 @@ pub fn markdown(rows: &[BenchRow], cfg: &BenchConfig) -> String {
             r.prefill_vs_llama_cpp,
             r.weight_bytes_per_token / 1e6,
             r.gb_per_s
+        );
+    }
+    if let Some(o) = cfg.load.offload {
+        let _ = writeln!(
+            s,
+            "\n{} layers offloaded (-ngl; llama.cpp the same); waiting for skip decisions, µs per decoded token: {}",
+            o.layers,
+            rows.iter()
+                .map(|r| format!("{} {:.0}", r.policy, r.decision_wait_us_per_token))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     s.push_str(&compounding(rows));
@@ -516,6 +539,7 @@ mod tests {
             weight_bytes_per_token: bytes,
             gb_per_s: 1.0,
             load_average_max: Some(1.0),
+            decision_wait_us_per_token: 0.0,
         }
     }
 

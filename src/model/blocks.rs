@@ -41,7 +41,9 @@ pub(super) fn flush<C: Controller>(
     let Some(l) = pending.take() else {
         return Ok(());
     };
+    let t0 = std::time::Instant::now();
     blocks.cosines(s)?;
+    s.times.decision_wait += t0.elapsed();
     for (&i, &cos) in s.cos_rows.iter().zip(&s.cos) {
         controller.after_ffn(l, i, cos);
     }

@@ -47,6 +47,9 @@ pub struct StageTimes {
     pub ffn: Duration,
     /// Final norm and output head.
     pub head: Duration,
+    /// Waiting for the FFN cosines the controller decides on (a device's copy to the host,
+    /// after the next attention block was queued; nothing on the CPU).
+    pub decision_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
