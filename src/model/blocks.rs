@@ -51,38 +51,25 @@ pub(super) fn flush<C: Controller>(
 }
 
 /// The CPU blocks: the residual stream, the cache and the cosines are on the host already.
-#[derive(Default)]
 pub(super) struct CpuBlocks<'m, 'c> {
-    model: Option<(&'m Llama<'m>, &'c mut [KvCache])>,
+    model: &'m Llama<'m>,
+    caches: &'c mut [KvCache],
 }
 
 impl<'m, 'c> CpuBlocks<'m, 'c> {
     pub(super) fn new(model: &'m Llama<'m>, caches: &'c mut [KvCache]) -> Self {
-        CpuBlocks {
-            model: Some((model, caches)),
-        }
-    }
-
-    fn parts(&mut self) -> Result<(&'m Llama<'m>, &mut [KvCache]), ForwardError> {
-        match &mut self.model {
-            Some((m, c)) => Ok((m, c)),
-            None => Err(ForwardError::Device(
-                "CPU blocks without a model (only flushes)".into(),
-            )),
-        }
+        CpuBlocks { model, caches }
     }
 }
 
 impl Blocks for CpuBlocks<'_, '_> {
     fn attention(&mut self, l: usize, s: &mut Scratch) -> Result<(), ForwardError> {
-        let (m, caches) = self.parts()?;
-        m.attention_block(l, caches, s);
+        self.model.attention_block(l, self.caches, s);
         Ok(())
     }
 
     fn ffn(&mut self, l: usize, s: &mut Scratch, cos: bool) -> Result<(), ForwardError> {
-        let (m, _) = self.parts()?;
-        m.ffn_block(l, s, cos);
+        self.model.ffn_block(l, s, cos);
         Ok(())
     }
 
@@ -99,8 +86,7 @@ impl Blocks for CpuBlocks<'_, '_> {
     }
 
     fn head(&mut self, s: &mut Scratch, logits: Logits) -> Result<(), ForwardError> {
-        let (m, _) = self.parts()?;
-        m.head(s, logits);
+        self.model.head(s, logits);
         Ok(())
     }
 }

@@ -387,36 +387,34 @@ impl Llama<'_> {
         caches: &mut [KvCache],
         s: &mut Scratch,
         controller: &mut C,
-        mut device: Option<&mut DeviceState>,
+        device: Option<&mut DeviceState>,
     ) -> Result<(), ForwardError> {
         let n = self.config.n_layer;
         let first_device = self.device.as_ref().map_or(n, |m| m.first_layer());
+        let mut dev = match (&self.device, device) {
+            (Some(m), Some(state)) => Some(DeviceBlocks::new(m, state, caches, &self.config)),
+            _ => None,
+        };
+        let mut cpu = CpuBlocks::new(self, caches);
         let mut pending = None;
         for l in 0..n {
-            match (&self.device, device.as_deref_mut()) {
-                (Some(m), Some(state)) if l >= first_device => {
-                    let mut blocks = DeviceBlocks::new(m, state, caches, &self.config);
+            let blocks: &mut dyn Blocks = match dev.as_mut() {
+                Some(d) if l >= first_device => {
                     if l == first_device {
-                        flush(&mut pending, &mut CpuBlocks::default(), s, controller)?;
-                        blocks.push(s)?;
+                        flush(&mut pending, &mut cpu, s, controller)?;
+                        d.push(s)?;
                     }
-                    self.layer(l, &mut blocks, s, controller, &mut pending)?;
+                    d
                 }
-                _ => {
-                    let mut blocks = CpuBlocks::new(self, caches);
-                    self.layer(l, &mut blocks, s, controller, &mut pending)?;
-                }
-            }
+                _ => &mut cpu,
+            };
+            self.layer(l, blocks, s, controller, &mut pending)?;
         }
-        match (&self.device, device) {
-            (Some(m), Some(state)) if first_device < n => flush(
-                &mut pending,
-                &mut DeviceBlocks::new(m, state, caches, &self.config),
-                s,
-                controller,
-            ),
-            _ => flush(&mut pending, &mut CpuBlocks::default(), s, controller),
-        }
+        let last: &mut dyn Blocks = match dev.as_mut() {
+            Some(d) if first_device < n => d,
+            _ => &mut cpu,
+        };
+        flush(&mut pending, last, s, controller)
     }
 
     /// The errors a batch can have before anything is computed.
