@@ -63,7 +63,9 @@ impl<'a> Llama<'a> {
         crate::ggml::init();
         let config = LlamaConfig::from_gguf(file)?;
         let mut weights = Weights::from_gguf(file, &config)?;
-        if options.repack {
+        // Every layer on a device: the CPU never multiplies by these weights.
+        let all_offloaded = options.offload.is_some_and(|o| o.layers >= config.n_layer);
+        if options.repack && !all_offloaded {
             weights.repack(file);
         }
         let rope = Rope::new(&config, weights.rope_freqs.clone());
