@@ -638,13 +638,22 @@ impl Allocator {
                 backend.device.info().name
             ));
         }
+        // Inputs are written on the backend's own stream, behind the graphs queued before:
+        // one that still runs reads its inputs where gallocr puts this graph's.
         for (t, data) in graph.inputs.drain(..) {
             // SAFETY: `t` is alive (the graph's context); an input no op of the graph reads
             // was not allocated and is skipped; an allocated one has exactly `data.len()`
-            // bytes (checked in `Graph::input`).
+            // bytes (checked in `Graph::input`). CUDA stages a copy from pageable memory
+            // before returning, so `data` may be dropped after the call.
             unsafe {
                 if !(*t).buffer.is_null() {
-                    sys::ggml_backend_tensor_set(t, data.as_ptr().cast(), 0, data.len())
+                    sys::ggml_backend_tensor_set_async(
+                        backend.raw,
+                        t,
+                        data.as_ptr().cast(),
+                        0,
+                        data.len(),
+                    )
                 }
             };
         }
