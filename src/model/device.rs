@@ -27,7 +27,9 @@ use crate::ggml::graph::{
 };
 use crate::gguf::{ErrorKind, GgmlType, GgufFile};
 
-/// KV positions per step of the attended length: graphs keep their shapes for 256 tokens.
+/// KV positions per step of the attended length: graphs keep their shapes for 256 tokens, and
+/// a padded length lets ggml's CUDA flash attention take its GQA path (`FATTN_KQ_STRIDE`,
+/// `ggml-cuda/fattn.cu`).
 const KV_PAD: usize = 256;
 
 /// Where offloaded layers run.
