@@ -33,10 +33,15 @@ for m in "$MODELS"/*.gguf; do
   [ -e "$m" ] && ln -sf "$PWD/$m" "$FFNSKIP_HOME/models/$(basename "$m")"
 done
 
+# Binaries may travel xz-compressed (stripped, the CUDA build is ~74 MB; xz ~43 MB).
+for z in target/cuda/release/ffnskip.xz target/cuda/release/deps/device-*.xz; do
+  [ -e "$z" ] || continue
+  xz -dc "$z" > "${z%.xz}" && chmod +x "${z%.xz}"
+done
 bin=target/cuda/release/ffnskip
 "$bin" inspect | tee "$OUT/inspect.txt"
 
-test_bin=$(ls target/cuda/release/deps/device-* 2>/dev/null | grep -v '\.d$' | head -1)
+test_bin=$(ls target/cuda/release/deps/device-* 2>/dev/null | grep -v '\.d$\|\.xz$' | head -1)
 if [ -n "$test_bin" ]; then
   timeout 300 "$test_bin" --test-threads 1 --nocapture 2>&1 | tee "$OUT/tests.txt"
 fi
