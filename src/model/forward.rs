@@ -38,7 +38,9 @@ pub enum Logits {
     None,
 }
 
-/// Wall time spent per stage, summed over calls.
+/// Wall time spent per stage, summed over calls. For blocks on a device these are the host's
+/// times to queue the work; the device's compute shows where the host waits for it
+/// (`decision_wait`, and the head, which reads the logits back).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StageTimes {
     /// Norm, q/k/v, RoPE, attention, output projection.
