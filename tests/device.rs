@@ -107,6 +107,21 @@ fn controller(model: &Llama, policy: Policy, compensate: Compensation) -> SkipCo
     c
 }
 
+/// The check `$check` as two tests: on ggml's CPU backend, and on the GPU (SKIPPED without).
+macro_rules! on_both_devices {
+    ($check:ident: $cpu:ident, $gpu:ident) => {
+        #[test]
+        fn $cpu() {
+            $check(OffloadDevice::GgmlCpu, stringify!($cpu));
+        }
+
+        #[test]
+        fn $gpu() {
+            $check(OffloadDevice::Gpu, stringify!($gpu));
+        }
+    };
+}
+
 fn matches_the_cpu_path(device: OffloadDevice, test: &str) {
     let Some(device) = present(device, test) else {
         return;
@@ -129,19 +144,6 @@ fn matches_the_cpu_path(device: OffloadDevice, test: &str) {
     }
 }
 
-#[test]
-fn ggml_cpu_device_matches_the_cpu_path() {
-    matches_the_cpu_path(
-        OffloadDevice::GgmlCpu,
-        "ggml_cpu_device_matches_the_cpu_path",
-    );
-}
-
-#[test]
-fn gpu_matches_the_cpu_path() {
-    matches_the_cpu_path(OffloadDevice::Gpu, "gpu_matches_the_cpu_path");
-}
-
 fn none_equals_no_controller(device: OffloadDevice, test: &str) {
     let Some(device) = present(device, test) else {
         return;
@@ -156,19 +158,6 @@ fn none_equals_no_controller(device: OffloadDevice, test: &str) {
     assert_eq!(a, b);
     assert!(la == lb, "skip none: max |Δ| {}", max_abs_diff(&la, &lb));
     assert_eq!(s.controller.stats.skipped_ffn, 0);
-}
-
-#[test]
-fn ggml_cpu_device_skip_none_equals_no_controller() {
-    none_equals_no_controller(
-        OffloadDevice::GgmlCpu,
-        "ggml_cpu_device_skip_none_equals_no_controller",
-    );
-}
-
-#[test]
-fn gpu_skip_none_equals_no_controller() {
-    none_equals_no_controller(OffloadDevice::Gpu, "gpu_skip_none_equals_no_controller");
 }
 
 /// Every policy runs on the device. Policies planned ahead of the cosines make the CPU
@@ -209,16 +198,6 @@ fn every_policy_runs(device: OffloadDevice, test: &str) {
             assert_eq!(got.decisions, want.decisions, "{name}");
         }
     }
-}
-
-#[test]
-fn ggml_cpu_device_runs_every_policy() {
-    every_policy_runs(OffloadDevice::GgmlCpu, "ggml_cpu_device_runs_every_policy");
-}
-
-#[test]
-fn gpu_runs_every_policy() {
-    every_policy_runs(OffloadDevice::Gpu, "gpu_runs_every_policy");
 }
 
 /// Two sequences decoded as rows of one batch (each with its own cache) give, within
@@ -286,18 +265,13 @@ fn batched_equals_sequential(device: OffloadDevice, test: &str) {
     }
 }
 
-#[test]
-fn ggml_cpu_device_batched_equals_sequential() {
-    batched_equals_sequential(
-        OffloadDevice::GgmlCpu,
-        "ggml_cpu_device_batched_equals_sequential",
-    );
-}
+on_both_devices!(matches_the_cpu_path: ggml_cpu_device_matches_the_cpu_path, gpu_matches_the_cpu_path);
 
-#[test]
-fn gpu_batched_equals_sequential() {
-    batched_equals_sequential(OffloadDevice::Gpu, "gpu_batched_equals_sequential");
-}
+on_both_devices!(none_equals_no_controller: ggml_cpu_device_skip_none_equals_no_controller, gpu_skip_none_equals_no_controller);
+
+on_both_devices!(every_policy_runs: ggml_cpu_device_runs_every_policy, gpu_runs_every_policy);
+
+on_both_devices!(batched_equals_sequential: ggml_cpu_device_batched_equals_sequential, gpu_batched_equals_sequential);
 
 /// All layers on the GPU against llama.cpp with all layers on its CUDA backend, on the
 /// default model and Qwen2.5-Coder-1.5B: prompt logits within `TOL`, same greedy tokens.
